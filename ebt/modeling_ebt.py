@@ -1,0 +1,728 @@
+"""Energy-based transformer (EBT) as a Hugging Face causal LM.
+
+Self-contained on purpose: ``save_pretrained`` copies this file next to the checkpoint, so it may
+import only the standard library, torch, transformers and ``configuration_ebt``.
+
+How it predicts. For every position r the model keeps a candidate distribution p_r over the token
+at r+1 and scores it with a scalar energy E_r(x<=r, p_r). Prediction is optimisation: start from a
+random candidate and descend the energy. Two streams share the same Llama blocks:
+
+- the *observed* (context) stream runs the real tokens with ordinary causal attention. It never
+  sees a candidate, so it is computed ONCE per forward; its per-layer keys/values (an
+  ``EBTContext``, which is also the KV cache of generation) are reused by every inner step;
+- the *candidate* stream embeds p_r (softmax -> Linear(V, D)) and, in every layer, attends to the
+  observed keys/values at positions <= r and to its own key/value only. RoPE places p_r at the
+  position of the token it predicts.
+
+So E_r depends only on (x<=r, p_r): one ``autograd.grad(E.sum(), p)`` gives every position its own
+gradient, and the inner gradient never traverses the context stream. Candidate attention is
+written out (matmul + softmax) because the fused SDPA kernels have no double backward; the context
+stream only needs first-order gradients, so it uses the fused kernel.
+
+``EBTForCausalLM._optimize`` is the one inner loop: training, ``think()``, evaluation and
+generation all call it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_ebt import EBTConfig
+
+# Keyword arguments that Hugging Face callers (pipelines, harnesses, Trainer) pass to ``forward``
+# and that have no meaning for this model: accepted and ignored, anything else is an error.
+_IGNORED_FORWARD_KWARGS = frozenset(
+    {"use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
+     "num_items_in_batch", "token_type_ids"}
+)
+# Accepted only as None: the model computes positions itself and keeps its own context cache.
+_NONE_ONLY_KWARGS = frozenset({"past_key_values", "position_ids", "inputs_embeds"})
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EBTCausalLMOutput(ModelOutput):
+    """Output of ``EBTForCausalLM.forward``.
+
+    logits: final candidates (B, L, V); ``logits[:, r]`` predicts token r+1, as in any causal LM.
+    energies: energy per position and step (B, L, S): column i is the energy before step i; in
+        evaluation the last column is the energy of the final candidates.
+    step_losses: cross-entropy after each inner step (S,), when labels are given.
+    steps_taken: inner steps actually applied per position (B, L) (adaptive thinking stops early).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    energies: torch.FloatTensor | None = None
+    step_losses: torch.FloatTensor | None = None
+    steps_taken: torch.LongTensor | None = None
+
+
+@dataclass
+class EBTThinkOutput(ModelOutput):
+    """Output of ``EBTForCausalLM.think``.
+
+    logits: final candidates (B, Lc, V) of the best sample per position.
+    energies: (B, Lc, steps + 1) energies along the chosen sample's trajectory.
+    sample_energies: (samples, B, Lc) final energy of every random start (self-verification).
+    steps_taken: (B, Lc) inner steps applied to the chosen sample.
+    step_losses: (steps,) cross-entropy after each step when ``labels`` are given (samples == 1).
+    trajectory: (B, Lc, steps + 1, V) candidates along the way, when asked for (samples == 1).
+    function_evaluations: energy forward passes spent per position (each inner step is one
+        forward and one backward of the candidate stream; the final energy is one forward).
+    """
+
+    logits: torch.FloatTensor | None = None
+    energies: torch.FloatTensor | None = None
+    sample_energies: torch.FloatTensor | None = None
+    steps_taken: torch.LongTensor | None = None
+    step_losses: torch.FloatTensor | None = None
+    trajectory: torch.FloatTensor | None = None
+    function_evaluations: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Context (observed stream keys/values; doubles as the generation KV cache)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EBTContext:
+    """Per-layer keys/values of the observed stream, RoPE applied.
+
+    keys[l], values[l]: (B, H, T, Dh). key_valid: (B, T) False at padding. positions: (B, T)
+    RoPE position of each token (padding-aware, so left-padded batches match unpadded samples).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.key_valid.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_valid.shape[0]
+
+    def repeat(self, n: int) -> EBTContext:
+        """Tile the batch n times, sample-major (row s * B + b), for n random starts."""
+        if n == 1:
+            return self
+        return EBTContext(
+            keys=[k.repeat(n, 1, 1, 1) for k in self.keys],
+            values=[v.repeat(n, 1, 1, 1) for v in self.values],
+            key_valid=self.key_valid.repeat(n, 1),
+            positions=self.positions.repeat(n, 1),
+        )
+
+    def select(self, index: torch.Tensor) -> EBTContext:
+        """Keep the batch rows in ``index`` (e.g. sequences still generating)."""
+        return EBTContext(
+            keys=[k[index] for k in self.keys],
+            values=[v[index] for v in self.values],
+            key_valid=self.key_valid[index],
+            positions=self.positions[index],
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (Llama conventions and parameter names)
+# --------------------------------------------------------------------------------------------
+
+
+class EBTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, T, Dh) for integer positions (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class EBTMLP(nn.Module):
+    """SwiGLU feed-forward, no biases."""
+
+    def __init__(self, config: EBTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EBTAttention(nn.Module):
+    """Multi-head attention with the two EBT attention patterns.
+
+    ``observed``: causal self-attention of the context stream (fused SDPA; first order only).
+    ``candidate``: candidates attend to observed keys <= their own index plus their own key,
+    written out so it can be differentiated twice.
+    """
+
+    def __init__(self, config: EBTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = x.shape
+        return self.o_proj(x.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, H, T, Dh) with RoPE at ``positions`` (B, T)."""
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
+        return q, k, self._heads(self.v_proj(x))
+
+    def observed(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Context stream attention; ``mask`` (B, 1, Tq, Tk) bool, or None for plain causal."""
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        return self._merge(out)
+
+    def candidate(
+        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidate stream attention.
+
+        x: (B, Lc, D) candidate states; positions: (B, Lc) their RoPE positions; keys/values:
+        (B, H, T, Dh) observed; visible: (B, 1, Lc, T) which observed keys each candidate sees.
+        """
+        q, k, v = self.project(x, positions)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores_obs = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (B, H, Lc, T)
+        scores_obs = scores_obs.masked_fill(~visible, float("-inf"))
+        score_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, Lc, 1)
+        weights = torch.softmax(torch.cat((scores_obs, score_self), dim=-1).float(), dim=-1).to(q.dtype)
+        t = keys.shape[-2]
+        out = torch.matmul(weights[..., :t], values) + weights[..., t:] * v  # (B, H, Lc, Dh)
+        return self._merge(out)
+
+
+class EBTDecoderLayer(nn.Module):
+    def __init__(self, config: EBTConfig):
+        super().__init__()
+        self.input_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = EBTAttention(config)
+        self.post_attention_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = EBTMLP(config)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class EBTPreTrainedModel(PreTrainedModel):
+    config_class = EBTConfig
+    config: EBTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["EBTDecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, EBTForCausalLM):
+            init.constant_(module.alpha, self.config.step_size)
+
+
+class EBTModel(EBTPreTrainedModel):
+    """The energy function: context encoder plus candidate stream and energy head."""
+
+    def __init__(self, config: EBTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(EBTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Candidate distribution (V) -> width (D); optionally the token embedding itself.
+        self.candidate_embed = None if config.tie_candidate_embeddings else nn.Linear(config.vocab_size, config.hidden_size, bias=False)
+        # One learned offset per inner step: each step may see its own energy landscape.
+        self.step_embed = nn.Embedding(config.max_train_steps, config.hidden_size) if config.step_embeddings else None
+        self.energy_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, past: EBTContext | None = None
+    ) -> EBTContext:
+        """Run the observed stream over ``input_ids`` (B, n), appending to ``past`` if given.
+
+        ``attention_mask`` (B, T_past + n) follows the Hugging Face convention (1 = token,
+        0 = padding) and covers the past too. Only keys/values are kept: the last layer's
+        attention output and MLP are never needed, so they are skipped.
+        """
+        bsz, n = input_ids.shape
+        device = input_ids.device
+        t_past = past.length if past is not None else 0
+        if t_past + n > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The context has {t_past + n} tokens but the model was built for at most "
+                f"max_position_embeddings={self.config.max_position_embeddings}: truncate the input "
+                "(keep its last tokens) or use a model with a longer context."
+            )
+        if attention_mask is None:
+            valid_new = torch.ones(bsz, n, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.shape != (bsz, t_past + n):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(bsz, t_past + n)} "
+                    "(batch, cached + new tokens)."
+                )
+            valid_new = attention_mask[:, t_past:].bool()
+        seen = past.key_valid.sum(1, keepdim=True) if past is not None else torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        positions_new = (seen + valid_new.long().cumsum(1) - 1).clamp(min=0)  # (B, n)
+        key_valid = valid_new if past is None else torch.cat((past.key_valid, valid_new), 1)
+
+        # Boolean mask (B, 1, n, T): causal, not padding; a token always sees itself so padded
+        # query rows stay finite. None = plain causal (fast path).
+        mask = None
+        if past is not None or not bool(valid_new.all()):
+            q_index = torch.arange(t_past, t_past + n, device=device)
+            k_index = torch.arange(t_past + n, device=device)
+            causal = k_index[None, :] <= q_index[:, None]
+            itself = k_index[None, :] == q_index[:, None]
+            mask = (causal & (key_valid[:, None, :] | itself))[:, None]
+
+        h = self.embed_tokens(input_ids)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.self_attn.project(layer.input_layernorm(h), positions_new)
+            if past is not None:
+                k = torch.cat((past.keys[i], k), dim=2)
+                v = torch.cat((past.values[i], v), dim=2)
+            keys.append(k)
+            values.append(v)
+            if i == len(self.layers) - 1:
+                break
+            h = h + layer.self_attn.observed(q, k, v, mask)
+            h = layer.feed_forward(h)
+        positions = positions_new if past is None else torch.cat((past.positions, positions_new), 1)
+        return EBTContext(keys=keys, values=values, key_valid=key_valid, positions=positions)
+
+    def energy(self, context: EBTContext, probs: torch.Tensor, query_index: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Energy (B, Lc) of candidate distributions ``probs`` (B, Lc, V).
+
+        Candidate c predicts the token after context index ``query_index[c]``: it sees observed
+        keys 0..query_index[c] and sits at RoPE position (that token's position + 1).
+        """
+        weight = self.embed_tokens.weight.t() if self.candidate_embed is None else self.candidate_embed.weight
+        h = F.linear(probs.to(weight.dtype), weight)  # (B, Lc, D)
+        if self.step_embed is not None:
+            h = h + self.step_embed.weight[min(step, self.step_embed.num_embeddings - 1)]
+        positions = context.positions[:, query_index] + 1  # (B, Lc)
+        k_index = torch.arange(context.length, device=probs.device)
+        visible = (k_index[None, :] <= query_index[:, None])[None] & context.key_valid[:, None, :]
+        visible = visible[:, None]  # (B, 1, Lc, T)
+        for layer, keys, values in zip(self.layers, context.keys, context.values):
+            h = h + layer.self_attn.candidate(layer.input_layernorm(h), positions, keys, values, visible)
+            h = layer.feed_forward(h)
+        return self.energy_head(self.norm(h))[..., 0].float()
+
+
+class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
+    """EBT language model: ``forward`` trains (train mode) or thinks (eval mode)."""
+
+    def __init__(self, config: EBTConfig):
+        super().__init__(config)
+        self.model = EBTModel(config)
+        # Inner-loop step size. Its own optimiser group (lr x step_size_lr_multiplier, no decay).
+        self.alpha = nn.Parameter(torch.tensor(float(config.step_size)), requires_grad=config.step_size_learnable)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    # ---------------------------------------------------------------- the inner loop
+    def _energy_and_grad(
+        self, context: EBTContext, z_in: torch.Tensor, query_index: torch.Tensor, step: int, create_graph: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energy (B, Lc), its gradient w.r.t. the variable the update rule moves, and p = softmax(z_in)."""
+        if self.config.update_rule == "logit":
+            x = z_in if z_in.requires_grad else z_in.detach().requires_grad_()
+            p = torch.softmax(x, dim=-1)
+        else:  # probability and mirror rules move along dE/dp
+            p = torch.softmax(z_in, dim=-1)
+            x = p if p.requires_grad else p.detach().requires_grad_()
+            p = x
+        energy = self.model.energy(context, p, query_index, step=step)
+        (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+        return energy, grad, p
+
+    def _optimize(
+        self,
+        context: EBTContext,
+        z: torch.Tensor,
+        query_index: torch.Tensor,
+        *,
+        steps: int,
+        step_size: torch.Tensor,
+        training: bool,
+        noise: float = 0.0,
+        noise_fn=None,
+        targets: torch.Tensor | None = None,
+        tolerance: float | None = None,
+        accept_decrease: bool = False,
+        final_energy: bool = True,
+        keep_trajectory: bool = False,
+    ) -> dict:
+        """Refine candidate logits ``z`` (B, Lc, V) by ``steps`` gradient steps on the energy.
+
+        The single implementation of thinking. ``training`` builds the second-order graph as the
+        config says (candidates detached between steps, or only the last step second order);
+        otherwise every step is first order and nothing returned carries a graph.
+        ``step_size`` broadcasts against (B, Lc, 1). ``targets`` (B, Lc) (-100 = ignore) gives the
+        cross-entropy after every step. ``noise_fn(step, shape)`` draws Langevin noise (seeded at
+        inference). Inference only: ``tolerance`` freezes a position once a step lowers its energy
+        by less than that; ``accept_decrease`` undoes a step that raised a position's energy and
+        halves that position's step size. Returns z, energies (B, Lc, S), step_losses,
+        steps_taken and trajectory.
+        """
+        cfg = self.config
+        bsz, n, _ = z.shape
+        step_size = (step_size.reshape(1, 1, 1) if step_size.dim() == 0 else step_size).expand(bsz, n, 1)
+        active = torch.ones(bsz, n, dtype=torch.bool, device=z.device)
+        steps_taken = torch.full((bsz, n), steps if training else 0, dtype=torch.long, device=z.device)
+        energies, step_losses = [], []
+        trajectory = [z.detach()] if keep_trajectory else None
+        last_good = None  # (z, z_in, p, energy, grad) at the last accepted point (accept_decrease)
+        for i in range(steps):
+            if not training or cfg.detach_between_steps:
+                z = z.detach()
+            z_in = z + noise * noise_fn(i, z.shape) if noise > 0 else z
+            build_graph = training and (cfg.second_order == "all" or i == steps - 1)
+            with torch.enable_grad():
+                energy, grad, p = self._energy_and_grad(context, z_in, query_index, i, build_graph)
+            if not training:
+                energy, grad, p = energy.detach(), grad.detach(), p.detach()
+                if accept_decrease and last_good is not None:
+                    worse = (energy > last_good[3]) & active  # the previous step raised the energy: undo it
+                    z, z_in, p, energy, grad = (
+                        torch.where(worse if new.dim() == 2 else worse[..., None], old, new)
+                        for old, new in zip(last_good, (z, z_in, p, energy, grad))
+                    )
+                    step_size = torch.where(worse[..., None], step_size / 2, step_size)
+                    steps_taken = steps_taken - worse.long()
+                if tolerance is not None and energies:
+                    active = active & ((energies[-1] - energy) >= tolerance)
+                last_good = (z, z_in, p, energy, grad)
+            energies.append(energy)
+            z_new = (p if cfg.update_rule == "probability" else z_in) - step_size * grad
+            if training:
+                z = z_new
+            else:
+                z = torch.where(active[..., None], z_new.detach(), z)
+                steps_taken = steps_taken + active.long()
+            if targets is not None:
+                step_loss = F.cross_entropy(z.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+                step_losses.append(step_loss if training else step_loss.detach())
+            if keep_trajectory:
+                trajectory.append(z.detach())
+        if final_energy:
+            with torch.no_grad():
+                last = self.model.energy(context, torch.softmax(z.detach(), dim=-1), query_index, step=steps).float()
+            if accept_decrease and last_good is not None:
+                worse = (last > last_good[3]) & active
+                z = torch.where(worse[..., None], last_good[0], z)
+                last = torch.where(worse, last_good[3], last)
+                steps_taken = steps_taken - worse.long()
+            energies.append(last)
+        return {
+            "z": z,
+            "energies": torch.stack(energies, dim=-1),
+            "step_losses": torch.stack(step_losses) if step_losses else None,
+            "steps_taken": steps_taken,
+            "trajectory": torch.stack(trajectory, dim=2) if keep_trajectory else None,
+        }
+
+    # ---------------------------------------------------------------- starting points and noise
+    def _seeded_normal(self, positions: torch.Tensor, samples: int, seed: int, salt: int) -> torch.Tensor:
+        """Standard normal noise (samples, B, Lc, V) that depends only on (seed, salt, position).
+
+        Keyed on the absolute position rather than drawn for the batch, so a sequence gets the
+        same starting point alone or in any batch, padded or not, and a prefix gets the same start
+        as in the full sequence: evaluation and generation are reproducible and batch-invariant.
+        """
+        vocab = self.config.vocab_size
+        unique, inverse = torch.unique(positions.cpu(), return_inverse=True)
+        table = torch.empty(len(unique), samples, vocab)
+        for row, pos in enumerate(unique.tolist()):
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + salt * 7_919 + pos) % (2**63 - 1))
+            table[row] = torch.randn(samples, vocab, generator=gen)
+        noise = table.to(positions.device)[inverse.to(positions.device)]  # (B, Lc, S, V)
+        return noise.permute(2, 0, 1, 3)
+
+    def initial_logits(self, positions: torch.Tensor, samples: int = 1, seed: int | None = None) -> torch.Tensor:
+        """Starting candidates (samples * B, Lc, V) for inference at ``positions`` (B, Lc)."""
+        seed = self.config.inference_seed if seed is None else seed
+        z = self._seeded_normal(positions, samples, seed, salt=0) * self.config.init_noise_scale
+        if self.config.inference_init == "uniform":
+            z[0] = 0.0  # the first start is the uniform distribution, the others stay random
+        return z.flatten(0, 1)
+
+    # ---------------------------------------------------------------- public API
+    def think(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        step_size: float | None = None,
+        samples: int | None = None,
+        noise: float = 0.0,
+        tolerance: float | None = None,
+        accept_decrease: bool = False,
+        seed: int | None = None,
+        init_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+        context: EBTContext | None = None,
+        query_index: torch.Tensor | None = None,
+    ) -> EBTThinkOutput:
+        """Predict by minimising the energy: the inference entry point.
+
+        steps: inner steps (default ``config.inference_steps`` or the trained count).
+        step_size: alpha (default: the learned/fixed ``alpha``).
+        samples: random starts; per position the lowest final energy wins (self-verification).
+        noise: Langevin noise sigma added to the logits before each step's softmax.
+        tolerance: adaptive computation; a position stops once a step lowers its energy by less.
+        accept_decrease: keep a step only if it lowers the energy (else halve that position's alpha).
+        seed: fixes the random starts and noise (default ``config.inference_seed``).
+        labels: (B, L) token ids, HF convention (shifted inside); gives ``step_losses``.
+        context/query_index: a precomputed ``EBTContext`` (e.g. a generation KV cache) and which
+            of its indices to predict after; by default every position of ``input_ids``.
+
+        Works under ``torch.no_grad()`` (gradients are enabled for the inner loop only and nothing
+        is returned with a graph); cannot work under ``torch.inference_mode()``.
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "EBT thinking descends the energy with autograd, which torch.inference_mode() disables. "
+                "Run the model under torch.no_grad() instead (thinking enables gradients only for its inner loop)."
+            )
+        cfg = self.config
+        steps = cfg.default_inference_steps if steps is None else steps
+        samples = cfg.inference_samples if samples is None else samples
+        tolerance = cfg.inference_tolerance if tolerance is None else tolerance
+        seed = cfg.inference_seed if seed is None else seed
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"think(steps={steps!r}): the number of thinking steps must be an integer >= 1.")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"think(samples={samples!r}): the number of random starts must be an integer >= 1.")
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"think(step_size={step_size!r}): the step size must be > 0 (or None for the model's alpha).")
+        if noise < 0:
+            raise ValueError(f"think(noise={noise!r}): the Langevin noise sigma must be >= 0.")
+        if tolerance is not None and tolerance < 0:
+            raise ValueError(f"think(tolerance={tolerance!r}): the tolerance must be >= 0 (or None for off).")
+        if return_trajectory and samples > 1:
+            raise ValueError("think(return_trajectory=True) needs samples=1: each random start has its own trajectory.")
+
+        with torch.no_grad():
+            if context is None:
+                if input_ids is None:
+                    raise ValueError("think() needs input_ids (or a precomputed context).")
+                context = self.model.encode(input_ids, attention_mask)
+            if query_index is None:
+                query_index = torch.arange(context.length, device=context.key_valid.device)
+            bsz, n = context.batch_size, len(query_index)
+            positions = context.positions[:, query_index]
+            if init_logits is None:
+                z0 = self.initial_logits(positions, samples, seed)
+            else:
+                if init_logits.shape != (bsz, n, cfg.vocab_size):
+                    raise ValueError(f"init_logits has shape {tuple(init_logits.shape)}; expected {(bsz, n, cfg.vocab_size)}.")
+                z0 = init_logits.repeat(samples, 1, 1)
+            alpha = self.alpha.detach() if step_size is None else torch.tensor(float(step_size), device=z0.device)
+            targets = None
+            if labels is not None:
+                if samples > 1:
+                    raise ValueError("think(labels=...) gives per-step losses of one trajectory: use samples=1.")
+                targets = _shift_labels(labels)[:, query_index]
+            tiled = context.repeat(samples)
+
+            def noise_fn(step: int, shape: torch.Size) -> torch.Tensor:
+                return self._seeded_normal(positions, samples, seed, salt=step + 1).flatten(0, 1)
+
+            result = self._optimize(
+                tiled,
+                z0.to(dtype=torch.float32),
+                query_index,
+                steps=steps,
+                step_size=alpha.float(),
+                training=False,
+                noise=noise,
+                noise_fn=noise_fn,
+                targets=targets,
+                tolerance=tolerance,
+                accept_decrease=accept_decrease,
+                keep_trajectory=return_trajectory,
+            )
+            vocab = cfg.vocab_size
+            z = result["z"].view(samples, bsz, n, vocab)
+            energies = result["energies"].view(samples, bsz, n, -1)
+            taken = result["steps_taken"].view(samples, bsz, n)
+            final = energies[..., -1]  # (S, B, Lc)
+            best = final.argmin(0)[None]  # (1, B, Lc): the start with the lowest final energy
+            logits = z.gather(0, best[..., None].expand(1, bsz, n, vocab))[0]
+            chosen_energies = energies.gather(0, best[..., None].expand(1, bsz, n, energies.shape[-1]))[0]
+            chosen_taken = taken.gather(0, best)[0]
+        return EBTThinkOutput(
+            logits=logits,
+            energies=chosen_energies,
+            sample_energies=final,
+            steps_taken=chosen_taken,
+            step_losses=result["step_losses"],
+            trajectory=result["trajectory"],
+            function_evaluations=samples * (2 * steps + 1),
+        )
+
+    def training_steps(self) -> int:
+        """The inner step count of one training batch (random in the configured range)."""
+        cfg = self.config
+        if cfg.train_steps_max is None or cfg.train_steps_max == cfg.train_steps:
+            return cfg.train_steps
+        return int(torch.randint(cfg.train_steps, cfg.train_steps_max + 1, (1,)).item())
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        init_logits: torch.Tensor | None = None,
+        think_steps: int | None = None,
+        think_samples: int | None = None,
+        think_step_size: float | None = None,
+        think_tolerance: float | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ) -> EBTCausalLMOutput:
+        """Train mode (with autograd on): run the training recipe. Otherwise: think.
+
+        labels: HF convention (same ids as ``input_ids``, shifted inside, -100 ignored).
+        init_logits: (B, L, V) starting candidates (the S2 replay buffer); default random.
+        think_*: inference overrides (eval mode only); default to the ``config.inference_*`` fields.
+        """
+        unknown = [k for k, v in kwargs.items() if k not in _IGNORED_FORWARD_KWARGS and not (k in _NONE_ONLY_KWARGS and v is None)]
+        if unknown:
+            raise TypeError(f"EBTForCausalLM.forward got unsupported arguments: {sorted(unknown)}.")
+        if not (self.training and torch.is_grad_enabled()):
+            out = self.think(
+                input_ids,
+                attention_mask,
+                steps=think_steps,
+                samples=think_samples,
+                step_size=think_step_size,
+                tolerance=think_tolerance,
+                seed=seed,
+                init_logits=init_logits,
+                labels=labels if (think_samples or self.config.inference_samples) == 1 else None,
+            )
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(
+                    out.logits.flatten(0, 1).float(), _shift_labels(labels).flatten(), ignore_index=-100
+                )
+            return EBTCausalLMOutput(
+                loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
+            )
+
+        cfg = self.config
+        context = self.model.encode(input_ids, attention_mask)
+        bsz, length = input_ids.shape
+        if init_logits is None:
+            init_logits = torch.randn(bsz, length, cfg.vocab_size, device=input_ids.device) * cfg.init_noise_scale
+        step_size = self.alpha
+        if cfg.step_size_random_scale > 1:
+            s = cfg.step_size_random_scale
+            u = torch.rand(bsz, length, 1, device=input_ids.device)
+            step_size = self.alpha * (1 / s + (s - 1 / s) * u)  # uniform in [alpha/s, alpha*s]
+        targets = _shift_labels(labels) if labels is not None else None
+        query_index = torch.arange(length, device=input_ids.device)
+        result = self._optimize(
+            context,
+            init_logits.float(),
+            query_index,
+            steps=self.training_steps(),
+            step_size=step_size,
+            training=True,
+            noise=cfg.langevin_noise,
+            noise_fn=lambda step, shape: torch.randn(shape, device=input_ids.device),
+            targets=targets,
+            final_energy=False,
+        )
+        loss = None
+        if targets is not None:
+            losses = result["step_losses"]
+            loss = losses.mean() if cfg.loss_on == "all" else losses[-1]
+        return EBTCausalLMOutput(
+            loss=loss,
+            logits=result["z"],
+            energies=result["energies"].detach(),
+            step_losses=result["step_losses"].detach() if result["step_losses"] is not None else None,
+            steps_taken=result["steps_taken"],
+        )
+
+
+def _shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets (B, L): position r is scored against token r+1; the last position is ignored."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+__all__ = ["EBTContext", "EBTForCausalLM", "EBTModel", "EBTPreTrainedModel", "EBTCausalLMOutput", "EBTThinkOutput"]
