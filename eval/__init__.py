@@ -1,0 +1,1 @@
+"""Evaluation of EBT checkpoints: thinking curves, reasoning tasks, benchmarks, harnesses."""
