@@ -153,15 +153,16 @@ class EBTRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = _at_least_fp32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, Dh) for integer positions (B, T)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
+    freqs = positions.to(work)[..., None] * inv_freq  # (B, T, Dh/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -237,7 +238,7 @@ class EBTAttention(nn.Module):
         scores_obs = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (B, H, Lc, T)
         scores_obs = scores_obs.masked_fill(~visible, float("-inf"))
         score_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, Lc, 1)
-        weights = torch.softmax(torch.cat((scores_obs, score_self), dim=-1).float(), dim=-1).to(q.dtype)
+        weights = torch.softmax(_at_least_fp32(torch.cat((scores_obs, score_self), dim=-1)), dim=-1).to(q.dtype)
         t = keys.shape[-2]
         out = torch.matmul(weights[..., :t], values) + weights[..., t:] * v  # (B, H, Lc, Dh)
         return self._merge(out)
@@ -370,7 +371,7 @@ class EBTModel(EBTPreTrainedModel):
         for layer, keys, values in zip(self.layers, context.keys, context.values):
             h = h + layer.self_attn.candidate(layer.input_layernorm(h), positions, keys, values, visible)
             h = layer.feed_forward(h)
-        return self.energy_head(self.norm(h))[..., 0].float()
+        return _at_least_fp32(self.energy_head(self.norm(h))[..., 0])
 
 
 class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
@@ -391,7 +392,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- the inner loop
     def _energy_and_grad(
-        self, context: EBTContext, z_in: torch.Tensor, query_index: torch.Tensor, step: int, create_graph: bool
+        self, energy_fn, z_in: torch.Tensor, step: int, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Energy (B, Lc), its gradient w.r.t. the variable the update rule moves, and p = softmax(z_in)."""
         if self.config.update_rule == "logit":
@@ -401,15 +402,14 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             p = torch.softmax(z_in, dim=-1)
             x = p if p.requires_grad else p.detach().requires_grad_()
             p = x
-        energy = self.model.energy(context, p, query_index, step=step)
+        energy = energy_fn(p, step)
         (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
         return energy, grad, p
 
     def _optimize(
         self,
-        context: EBTContext,
+        energy_fn,
         z: torch.Tensor,
-        query_index: torch.Tensor,
         *,
         steps: int,
         step_size: torch.Tensor,
@@ -424,7 +424,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Refine candidate logits ``z`` (B, Lc, V) by ``steps`` gradient steps on the energy.
 
-        The single implementation of thinking. ``training`` builds the second-order graph as the
+        The single implementation of thinking. ``energy_fn(p, step) -> (B, Lc)`` scores candidate
+        distributions; normally ``self.model.energy`` on a context computed once (see
+        ``_context_energy``), in the tests and benchmarks the plain doubled-sequence reference. ``training`` builds the second-order graph as the
         config says (candidates detached between steps, or only the last step second order);
         otherwise every step is first order and nothing returned carries a graph.
         ``step_size`` broadcasts against (B, Lc, 1). ``targets`` (B, Lc) (-100 = ignore) gives the
@@ -448,7 +450,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             z_in = z + noise * noise_fn(i, z.shape) if noise > 0 else z
             build_graph = training and (cfg.second_order == "all" or i == steps - 1)
             with torch.enable_grad():
-                energy, grad, p = self._energy_and_grad(context, z_in, query_index, i, build_graph)
+                energy, grad, p = self._energy_and_grad(energy_fn, z_in, i, build_graph)
             if not training:
                 energy, grad, p = energy.detach(), grad.detach(), p.detach()
                 if accept_decrease and last_good is not None:
@@ -476,7 +478,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 trajectory.append(z.detach())
         if final_energy:
             with torch.no_grad():
-                last = self.model.energy(context, torch.softmax(z.detach(), dim=-1), query_index, step=steps).float()
+                last = energy_fn(torch.softmax(z.detach(), dim=-1), steps)
             if accept_decrease and last_good is not None:
                 worse = (last > last_good[3]) & active
                 z = torch.where(worse[..., None], last_good[0], z)
@@ -601,9 +603,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 return self._seeded_normal(positions, samples, seed, salt=step + 1).flatten(0, 1)
 
             result = self._optimize(
-                tiled,
-                z0.to(dtype=torch.float32),
-                query_index,
+                self._context_energy(tiled, query_index),
+                z0.to(_at_least_fp32(self.alpha).dtype),
                 steps=steps,
                 step_size=alpha.float(),
                 training=False,
@@ -683,9 +684,29 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
             )
 
+        return self._training_step(input_ids, attention_mask, labels, init_logits)
+
+    def _context_energy(self, context: EBTContext, query_index: torch.Tensor):
+        """The energy function of the inner loop: candidate stream over a context computed once."""
+        return lambda probs, step: self.model.energy(context, probs, query_index, step=step)
+
+    def _training_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        init_logits: torch.Tensor | None,
+        energy_fn=None,
+    ) -> EBTCausalLMOutput:
+        """The training recipe of the config (DESIGN.md §3) on one batch.
+
+        ``energy_fn`` replaces the cached-context energy (the plain reference uses it).
+        """
         cfg = self.config
-        context = self.model.encode(input_ids, attention_mask)
         bsz, length = input_ids.shape
+        if energy_fn is None:
+            context = self.model.encode(input_ids, attention_mask)
+            energy_fn = self._context_energy(context, torch.arange(length, device=input_ids.device))
         if init_logits is None:
             init_logits = torch.randn(bsz, length, cfg.vocab_size, device=input_ids.device) * cfg.init_noise_scale
         step_size = self.alpha
@@ -694,11 +715,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             u = torch.rand(bsz, length, 1, device=input_ids.device)
             step_size = self.alpha * (1 / s + (s - 1 / s) * u)  # uniform in [alpha/s, alpha*s]
         targets = _shift_labels(labels) if labels is not None else None
-        query_index = torch.arange(length, device=input_ids.device)
         result = self._optimize(
-            context,
-            init_logits.float(),
-            query_index,
+            energy_fn,
+            _at_least_fp32(init_logits),
             steps=self.training_steps(),
             step_size=step_size,
             training=True,
@@ -718,6 +737,11 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             step_losses=result["step_losses"].detach() if result["step_losses"] is not None else None,
             steps_taken=result["steps_taken"],
         )
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Candidates and energies are kept in fp32 under bf16/fp16 weights, in fp64 for fp64 checks."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""The plain way to compute EBT energies, as the paper's code does: for tests and benchmarks.
+
+The observed tokens and the candidates are laid out as one doubled sequence of length 2L and run
+through every layer with one explicit boolean attention mask, recomputed at every inner step. It
+shares the model's weights but none of its attention code, so agreement with
+``EBTModel.energy`` (cached context, candidate-only attention) checks the two-stream
+implementation, and timing it against ``model(...)`` measures what context reuse saves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .modeling_ebt import EBTCausalLMOutput, EBTForCausalLM, _at_least_fp32, apply_rope, rope_cos_sin
+
+
+def doubled_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean mask (2L, 2L), True = may attend.
+
+    Rows/cols 0..L-1 are observed tokens x_0..x_{L-1}; L..2L-1 are candidates p_0..p_{L-1}.
+    Observed i sees observed j <= i. Candidate i sees observed j <= i and itself, never another
+    candidate and never its target x_{i+1}.
+    """
+    idx = torch.arange(length, device=device)
+    causal = idx[None, :] <= idx[:, None]
+    mask = torch.zeros(2 * length, 2 * length, dtype=torch.bool, device=device)
+    mask[:length, :length] = causal
+    mask[length:, :length] = causal
+    mask[length:, length:] = torch.eye(length, dtype=torch.bool, device=device)
+    return mask
+
+
+def plain_energy(model: EBTForCausalLM, input_ids: torch.Tensor, probs: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """Energies (B, L) of candidates ``probs`` (B, L, V) from the full doubled sequence."""
+    base = model.model
+    cfg = model.config
+    bsz, length = input_ids.shape
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    weight = base.embed_tokens.weight.t() if base.candidate_embed is None else base.candidate_embed.weight
+    cand = torch.nn.functional.linear(probs.to(weight.dtype), weight)
+    if base.step_embed is not None:
+        cand = cand + base.step_embed.weight[min(step, base.step_embed.num_embeddings - 1)]
+    h = torch.cat((base.embed_tokens(input_ids), cand), dim=1)  # (B, 2L, D)
+    pos = torch.arange(length, device=input_ids.device)
+    positions = torch.cat((pos, pos + 1))[None].expand(bsz, -1)  # candidate i sits at i + 1
+    cos, sin = rope_cos_sin(positions, head_dim, cfg.rope_theta, h.dtype)
+    mask = doubled_mask(length, input_ids.device)
+    for layer in base.layers:
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q, k, v = (proj(x).view(bsz, 2 * length, heads, head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, 2L, 2L)
+        weights = torch.softmax(_at_least_fp32(scores.masked_fill(~mask, float("-inf"))), dim=-1).to(q.dtype)
+        out = (weights @ v).transpose(1, 2).reshape(bsz, 2 * length, heads * head_dim)
+        h = h + attn.o_proj(out)
+        h = layer.feed_forward(h)
+    return _at_least_fp32(base.energy_head(base.norm(h[:, length:]))[..., 0])
+
+
+def plain_forward(
+    model: EBTForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    init_logits: torch.Tensor | None = None,
+) -> EBTCausalLMOutput:
+    """The training step of ``model(input_ids, labels=...)`` (train mode), the plain way."""
+    return model._training_step(
+        input_ids, None, labels, init_logits, energy_fn=lambda probs, step: plain_energy(model, input_ids, probs, step)
+    )
