@@ -36,6 +36,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_ebt import EBTConfig
+from .generation_ebt import EBTGenerationMixin
 
 # Keyword arguments that Hugging Face callers (pipelines, harnesses, Trainer) pass to ``forward``
 # and that have no meaning for this model: accepted and ignored, anything else is an error.
@@ -374,7 +375,7 @@ class EBTModel(EBTPreTrainedModel):
         return _at_least_fp32(self.energy_head(self.norm(h))[..., 0])
 
 
-class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
+class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
     """EBT language model: ``forward`` trains (train mode) or thinks (eval mode)."""
 
     def __init__(self, config: EBTConfig):
@@ -472,7 +473,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 z = torch.where(active[..., None], z_new.detach(), z)
                 steps_taken = steps_taken + active.long()
             if targets is not None:
-                step_loss = F.cross_entropy(z.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+                step_loss = F.cross_entropy(_at_least_fp32(z.flatten(0, 1)), targets.flatten(), ignore_index=-100)
                 step_losses.append(step_loss if training else step_loss.detach())
             if keep_trajectory:
                 trajectory.append(z.detach())
@@ -528,6 +529,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         step_size: float | None = None,
         samples: int | None = None,
         noise: float = 0.0,
+        temperature: float = 1.0,
         tolerance: float | None = None,
         accept_decrease: bool = False,
         seed: int | None = None,
@@ -543,6 +545,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         step_size: alpha (default: the learned/fixed ``alpha``).
         samples: random starts; per position the lowest final energy wins (self-verification).
         noise: Langevin noise sigma added to the logits before each step's softmax.
+        temperature: Langevin temperature T; the noise std is ``noise * sqrt(T)`` (noise variance is
+            proportional to the temperature of the sampled exp(-E/T)): T < 1 sharpens, T = 0 is plain descent.
         tolerance: adaptive computation; a position stops once a step lowers its energy by less.
         accept_decrease: keep a step only if it lowers the energy (else halve that position's alpha).
         seed: fixes the random starts and noise (default ``config.inference_seed``).
@@ -571,6 +575,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             raise ValueError(f"think(step_size={step_size!r}): the step size must be > 0 (or None for the model's alpha).")
         if noise < 0:
             raise ValueError(f"think(noise={noise!r}): the Langevin noise sigma must be >= 0.")
+        if not temperature >= 0:
+            raise ValueError(f"think(temperature={temperature!r}): the Langevin temperature must be >= 0.")
         if tolerance is not None and tolerance < 0:
             raise ValueError(f"think(tolerance={tolerance!r}): the tolerance must be >= 0 (or None for off).")
         if return_trajectory and samples > 1:
@@ -606,9 +612,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 self._context_energy(tiled, query_index),
                 z0.to(_at_least_fp32(self.alpha).dtype),
                 steps=steps,
-                step_size=alpha.float(),
+                step_size=_at_least_fp32(alpha),
                 training=False,
-                noise=noise,
+                noise=noise * temperature**0.5,
                 noise_fn=noise_fn,
                 targets=targets,
                 tolerance=tolerance,
@@ -678,7 +684,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(
-                    out.logits.flatten(0, 1).float(), _shift_labels(labels).flatten(), ignore_index=-100
+                    _at_least_fp32(out.logits.flatten(0, 1)), _shift_labels(labels).flatten(), ignore_index=-100
                 )
             return EBTCausalLMOutput(
                 loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
