@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 
 import pytest
 
@@ -281,10 +280,12 @@ def test_bad_names_elsewhere_raise() -> None:
         check_answer("sudoku9x9", "1=", "1")
 
 
-def test_building_is_fast() -> None:
-    for name in TASK_NAMES:
-        make_task(name, "harder", 10)  # warm the per-task caches
-        start = time.perf_counter()
-        make_task(name, "train", 10_000, seed=1)
-        elapsed = time.perf_counter() - start
-        assert elapsed < 5.0, f"{name}: 10k train examples took {elapsed:.2f} s"  # ~0.2 s unloaded
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_large_train_stream_builds_correctly(name: str) -> None:
+    """The training stream is drawn by the tens of thousands: every example must still be valid."""
+    ds = make_task(name, "train", 10_000, seed=1)
+    assert len(ds) == 10_000
+    lo, hi = difficulty_ranges(name)["train"]
+    for prompt, answer, level in zip(ds["prompt"], ds["answer"], ds["difficulty"]):
+        assert check_answer(name, prompt, answer), (prompt, answer)
+        assert lo <= level <= hi
