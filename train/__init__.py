@@ -1,0 +1,1 @@
+"""Training for EBTs and their Transformer++ twins: ``python -m train [CONFIG] [key=value ...]``."""

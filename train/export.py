@@ -1,0 +1,97 @@
+"""``OUTPUT/final/``: a Hub-style model folder (config, safetensors, tokenizer, generation config, card).
+
+Written to ``final.tmp`` and renamed when complete, like checkpoints; optionally pushed to the Hub.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from train.config import RunConfig, dump_yaml
+
+
+def model_card(model: PreTrainedModel, cfg: RunConfig, tokens: int, steps: int, metrics: dict[str, float]) -> str:
+    kind = "Energy-based transformer (EBT)" if cfg.model.kind == "ebt" else "Transformer++ (Llama) twin of an EBT"
+    params = sum(p.numel() for p in model.parameters())
+    results = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    imports = "import ebt  # registers the EBT with the Auto classes\n" if cfg.model.kind == "ebt" else ""
+    remote = (
+        "\nWithout the `ebt` package, add `trust_remote_code=True` (the model code ships in this folder).\n"
+        if cfg.model.kind == "ebt"
+        else ""
+    )
+    return f"""---
+library_name: transformers
+license: apache-2.0
+tags: [ebt, energy-based-transformer, causal-lm]
+---
+
+# {kind}
+
+{params:,} parameters: {cfg.model.num_hidden_layers} layers, width {cfg.model.hidden_size},
+{cfg.model.num_attention_heads} heads, context {cfg.model.max_position_embeddings}, vocabulary {model.config.vocab_size}.
+
+- Data: `{cfg.data.source}`{f" ({cfg.data.hub_config})" if cfg.data.hub_config else ""}, blocks of {cfg.data.block_size} tokens
+- Tokenizer: {cfg.tokenizer.kind}{f" ({cfg.tokenizer.name_or_path})" if cfg.tokenizer.name_or_path else ""}
+- Training: {steps} steps, {tokens:,} tokens seen, peak lr {cfg.train.lr}
+
+## Final validation metrics
+
+| metric | value |
+| --- | --- |
+{results}
+
+(`val/loss_thinkK`: loss after K thinking steps; losses in nats per token.)
+
+## How to load
+
+```python
+{imports}from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+```
+{remote}
+## Training config
+
+Reproduce with `python -m train run_config.yaml` (the file is in this folder).
+
+```yaml
+{dump_yaml(cfg)}```
+"""
+
+
+def export(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    cfg: RunConfig,
+    tokens: int,
+    steps: int,
+    metrics: dict[str, float],
+) -> Path:
+    """Write ``out/final`` (main process only) and push it when ``hub.push_to_hub``."""
+    final, tmp = out / "final", out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=cfg.data.block_size,
+    ).save_pretrained(str(tmp))
+    (tmp / "README.md").write_text(model_card(model, cfg, tokens, steps, metrics))
+    (tmp / "run_config.yaml").write_text(dump_yaml(cfg))
+    if final.exists():  # this run's own earlier export (the run folder holds one run only)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if cfg.hub.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(cfg.hub.repo_id, private=cfg.hub.private, exist_ok=True)
+        api.upload_folder(repo_id=cfg.hub.repo_id, folder_path=str(final), commit_message=f"{steps} steps, {tokens} tokens")
+    return final
