@@ -1,0 +1,77 @@
+"""Energy as uncertainty: per-token energies against per-token loss, and as an OOD score.
+
+An EBT's final energy E_r is its own judgement of how well the candidate for token r+1 fits the
+context. If that judgement is informative, tokens with high energy should be the ones it gets
+wrong (positive energy/loss correlation), and text unlike the training data should get higher
+mean energy (AUROC > 0.5 with "out of distribution" as the positive class).
+
+The statistics are written out in torch (ranks with ties averaged) so that this module needs
+nothing beyond the model's own dependencies; the tests check them against scipy/scikit-learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TokenScores:
+    """Per predicted token of unpadded sequences (B, L): column r scores token r+1.
+
+    energy: (B, L-1) final energy of the chosen candidate; nll: (B, L-1) its cross-entropy
+    against the true token; steps_taken: (B, L-1) inner steps spent; function_evaluations: energy
+    passes spent per token.
+    """
+
+    energy: torch.Tensor
+    nll: torch.Tensor
+    steps_taken: torch.Tensor
+    function_evaluations: int
+
+
+def score_tokens(model, input_ids: torch.Tensor, **think_kwargs) -> TokenScores:
+    """Think over ``input_ids`` (B, L) once and score every next token; ``think_kwargs`` go to ``think()``."""
+    with torch.no_grad():
+        out = model.think(input_ids, **think_kwargs)
+        logits = out.logits[:, :-1]  # (B, L-1, V): the last position has no target
+        nll = F.cross_entropy(logits.flatten(0, 1).double(), input_ids[:, 1:].flatten(), reduction="none")
+    return TokenScores(
+        energy=out.energies[:, :-1, -1],
+        nll=nll.view_as(input_ids[:, 1:]),
+        steps_taken=out.steps_taken[:, :-1],
+        function_evaluations=out.function_evaluations,
+    )
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a flat tensor, ties sharing their average rank (as scipy's rankdata)."""
+    _, inverse, counts = torch.unique(x.flatten(), return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last member of each group of equal values
+    return (last - (counts - 1) / 2)[inverse]
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two equally long flat samples."""
+    x, y = x.flatten().double(), y.flatten().double()
+    if x.numel() != y.numel() or x.numel() < 2:
+        raise ValueError(f"pearson needs two samples of the same size >= 2, got {x.numel()} and {y.numel()}")
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation: robust to the arbitrary scale of energies."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def auroc(negative: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(a positive scores higher than a negative), ties counting half (Mann-Whitney U / n+ n-)."""
+    n_neg, n_pos = negative.numel(), positive.numel()
+    if n_neg == 0 or n_pos == 0:
+        raise ValueError("auroc needs at least one negative and one positive score")
+    ranks = average_ranks(torch.cat((negative.flatten().double(), positive.flatten().double())))
+    u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))

@@ -1,0 +1,269 @@
+"""Inference-time thinking (issue 4): the think() controls, energy as uncertainty, the local
+``evaluate`` metrics and ``python -m eval thinking``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import roc_auc_score
+from transformers import LlamaForCausalLM
+
+from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
+from ebt.tokenizer import char_tokenizer
+from ebt.uncertainty import auroc, pearson, score_tokens, spearman
+from eval.__main__ import main as eval_main
+from eval.metrics import load as load_metric
+
+from conftest import shared_data_file
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+@pytest.fixture(scope="module")
+def model() -> EBTForCausalLM:
+    """float64: these tests compare trajectories, which float32 rounding can tip at near-ties."""
+    torch.manual_seed(0)
+    config = EBTConfig(
+        vocab_size=len(ALPHABET) + 2,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        step_size=5.0,
+        initializer_range=0.5,
+    )
+    return EBTForCausalLM(config).double().eval()
+
+
+def _ids(batch: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, len(ALPHABET) + 2, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ think() controls
+
+
+def test_self_verification_keeps_the_lowest_final_energy_per_position(model):
+    ids = _ids()
+    best = model.think(ids, steps=3, samples=4)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = model.initial_logits(positions, samples=4).view(4, *ids.shape, -1)
+    alone = [model.think(ids, steps=3, init_logits=starts[s]) for s in range(4)]
+    finals = torch.stack([a.energies[..., -1] for a in alone])  # (S, B, L)
+    torch.testing.assert_close(best.sample_energies, finals)
+    chosen = finals.argmin(0)
+    assert len(chosen.unique()) > 1, "every position chose the same start: the test would not see a per-position choice"
+    expected = torch.stack([a.logits for a in alone]).gather(0, chosen[None, ..., None].expand(1, *best.logits.shape))[0]
+    torch.testing.assert_close(best.logits, expected)
+    assert best.function_evaluations == 4 * (2 * 3 + 1)
+
+
+def test_more_steps_change_the_prediction_and_are_all_spent(model):
+    one, four = model.think(_ids(), steps=1), model.think(_ids(), steps=4)
+    assert not torch.allclose(one.logits, four.logits)
+    assert (four.steps_taken == 4).all() and four.energies.shape[-1] == 5
+    # a prefix of the 4-step trajectory is the 1-step run (same seeded start)
+    torch.testing.assert_close(four.energies[..., :1], one.energies[..., :1])
+
+
+def test_adaptive_computation_stops_a_position_once_its_energy_falls_less_than_the_tolerance(model):
+    steps, tol = 8, 2e-3
+    out = model.think(_ids(), steps=steps, tolerance=tol)
+    taken, energy = out.steps_taken, out.energies  # energy[..., i]: energy after i steps
+    assert 1 <= taken.min() and taken.max() <= steps and taken.min() < steps, "tolerance never (or always) stopped"
+    drops = energy[..., :-1] - energy[..., 1:]  # drops[..., i]: what step i+1 gained
+    for b, r in torch.nonzero(taken < steps).tolist():
+        k = int(taken[b, r])
+        assert (drops[b, r, : k - 1] >= tol).all(), "stopped although every step fell enough"
+        assert drops[b, r, k - 1] < tol, "stopped without a small decrease"
+    # an unreachable tolerance spends exactly one step everywhere, i.e. is the 1-step answer
+    stopped = model.think(_ids(), steps=steps, tolerance=1e9)
+    assert (stopped.steps_taken == 1).all()
+    torch.testing.assert_close(stopped.logits, model.think(_ids(), steps=1).logits)
+
+
+def test_accept_decrease_never_lets_the_energy_rise(model):
+    kwargs = dict(steps=6, step_size=200.0)
+    plain = model.think(_ids(), **kwargs)
+    assert (plain.energies[..., 1:] > plain.energies[..., :-1] + 1e-6).any(), "this step size never overshoots: test is void"
+    careful = model.think(_ids(), accept_decrease=True, **kwargs)
+    assert (careful.energies[..., 1:] <= careful.energies[..., :-1] + 1e-6).all()
+    assert (careful.energies[..., -1] <= plain.energies[..., 0] + 1e-6).all()
+    assert (careful.steps_taken <= 6).all() and (careful.steps_taken < 6).any()
+
+
+def test_langevin_temperature_scales_the_noise_variance(model):
+    ids = _ids()
+    cold = model.think(ids, steps=3, noise=2.0, temperature=0.0).logits
+    torch.testing.assert_close(cold, model.think(ids, steps=3).logits)
+    hot = model.think(ids, steps=3, noise=1.0, temperature=4.0).logits
+    torch.testing.assert_close(hot, model.think(ids, steps=3, noise=2.0).logits)
+    assert not torch.allclose(hot, cold)
+
+
+def test_starts_are_batch_and_prefix_invariant(model):
+    ids = _ids(length=16)
+    full = model.think(ids, steps=3, samples=2, noise=1.0)
+    row = model.think(ids[1:2, :9], steps=3, samples=2, noise=1.0)
+    torch.testing.assert_close(row.logits[0], full.logits[1, :9])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"samples": 0}, "random starts"),
+        ({"step_size": -1.0}, "step size"),
+        ({"noise": -1.0}, "noise"),
+        ({"temperature": -0.5}, "temperature"),
+    ],
+)
+def test_invalid_thinking_settings_fail_clearly(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.think(_ids(), **kwargs)
+
+
+def test_a_prompt_longer_than_the_context_fails_clearly(model):
+    with pytest.raises(ValueError, match="max_position_embeddings=32"):
+        model.think(_ids(length=33))
+
+
+# ------------------------------------------------------------------ energy as uncertainty
+
+
+def test_correlation_and_auroc_match_scipy_and_sklearn():
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=300)
+    y = 0.5 * x + gen.normal(size=300)
+    y[:40] = np.round(y[:40])  # ties
+    tx, ty = torch.tensor(x), torch.tensor(np.round(y, 1))
+    assert pearson(tx, ty) == pytest.approx(pearsonr(x, np.round(y, 1)).statistic, abs=1e-12)
+    assert spearman(tx, ty) == pytest.approx(spearmanr(x, np.round(y, 1)).statistic, abs=1e-12)
+    neg, pos = np.round(gen.normal(size=50), 1), np.round(gen.normal(0.7, size=70), 1)
+    expected = roc_auc_score([0] * 50 + [1] * 70, np.concatenate((neg, pos)))
+    assert auroc(torch.tensor(neg), torch.tensor(pos)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_energy_predicts_loss_on_held_out_text_after_training():
+    """Trains a tiny EBT (S1-like recipe) for 60 steps on tiny Shakespeare, then checks on the
+    held-out last 10% that per-token energy and loss are positively correlated: Spearman > 0.2
+    (an untrained model of this shape gives about 0)."""
+    text = shared_data_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+    tokenizer = char_tokenizer([text])
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    cut, length = int(len(ids) * 0.9), 32
+    torch.manual_seed(0)
+    config = EBTConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=length, update_rule="probability", step_size=500.0, train_steps=2,
+    )
+    model = EBTForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        start = torch.randint(0, cut - length, (16,), generator=gen)
+        batch = torch.stack([ids[s : s + length] for s in start.tolist()])
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    held_out = ids[cut : cut + 64 * length].view(64, length)
+    scores = score_tokens(model, held_out)
+    assert scores.nll.mean() < 3.0, "the model did not learn (uniform is ln(65) = 4.2 nats): nothing to correlate"
+    assert spearman(scores.energy, scores.nll) > 0.2
+    assert pearson(scores.energy, scores.nll) > 0.0
+
+
+# ------------------------------------------------------------------ metrics and the eval command
+
+
+def test_local_perplexity_metric_is_exp_of_mean_nll():
+    result = load_metric("perplexity").compute(nll_sum=[3.0, 5.0], token_count=[2, 6])
+    assert result == pytest.approx({"perplexity": math.e, "nll_per_token": 1.0, "tokens": 8})
+    with pytest.raises(ValueError, match="no local metric"):
+        load_metric("accuracy_from_the_hub")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, model):
+    """A saved EBT and its Transformer++ twin sharing a tokenizer, and two small text files."""
+    root = tmp_path_factory.mktemp("thinking")
+    tokenizer = char_tokenizer([ALPHABET])
+    copy.deepcopy(model).float().save_pretrained(root / "ebt")
+    tokenizer.save_pretrained(root / "ebt")
+    torch.manual_seed(1)
+    LlamaForCausalLM(llama_twin_config(model.config)).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    gen = np.random.default_rng(0)
+    (root / "id.txt").write_text("".join(gen.choice(list("abcde "), size=2000)))
+    (root / "ood.txt").write_text("".join(gen.choice(list("vwxyz,."), size=2000)))
+    return root
+
+
+def test_eval_thinking_writes_the_curve_the_twin_line_json_and_plot(checkpoints, capsys):
+    out = checkpoints / "out" / "results.json"
+    argv = [
+        "thinking", "--model", str(checkpoints / "ebt"), "--twin", str(checkpoints / "llama"),
+        "--data", str(checkpoints / "id.txt"), "--val-fraction", "0.5", "--ood-data", str(checkpoints / "ood.txt"),
+        "--steps", "1,3", "--samples", "1,2", "--max-tokens", "256", "--output", str(out),
+    ]  # fmt: skip
+    assert eval_main(argv) == 0
+    record = json.loads(out.read_text())
+    assert {(r["dataset"], r["steps"], r["samples"]) for r in record["ebt"]} == {
+        (d, k, s) for d in ("id", "ood") for k in (1, 3) for s in (1, 2)
+    }
+    for r in record["ebt"]:
+        assert r["function_evaluations"] == r["samples"] * (2 * r["steps"] + 1)
+        assert r["tokens"] == 8 * 31 and r["perplexity"] == pytest.approx(math.exp(r["nll_per_token"]))
+    assert {(r["steps"], r["samples"]) for r in record["auroc"]} == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    # The twin's line is exactly its own cross-entropy on the same windows.
+    twin = LlamaForCausalLM.from_pretrained(checkpoints / "llama")
+    tokenizer = char_tokenizer([ALPHABET])
+    text = (checkpoints / "id.txt").read_text()
+    ids = torch.tensor(tokenizer(text[1000:], add_special_tokens=False)["input_ids"][: 8 * 32]).view(8, 32)
+    with torch.no_grad():
+        loss = twin(ids, labels=ids).loss
+    assert record["twin"]["id"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    # The EBT row for (3 steps, best of 2) is think() on the same windows.
+    ebt = EBTForCausalLM.from_pretrained(checkpoints / "ebt", dtype=torch.float32).eval()
+    expected = score_tokens(ebt, ids, steps=3, samples=2)
+    row = next(r for r in record["ebt"] if (r["dataset"], r["steps"], r["samples"]) == ("id", 3, 2))
+    assert row["perplexity"] == pytest.approx(math.exp(expected.nll.mean()), rel=1e-5)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Transformer++ twin" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("swap", "extra", "message"),
+    [
+        (True, [], "not an EBT"),
+        (False, ["--twin", "{ebt}"], "--twin .* is an EBT"),
+        (False, ["--block-size", "33"], "the model's context"),
+        (False, ["--data", "{missing}"], "no such data file"),
+    ],
+)
+def test_eval_thinking_refuses_invalid_settings_with_a_message(checkpoints, capsys, swap, extra, message):
+    paths = {"ebt": str(checkpoints / "ebt"), "missing": str(checkpoints / "missing.txt")}
+    model = checkpoints / ("llama" if swap else "ebt")
+    argv = ["thinking", "--model", str(model), "--data", str(checkpoints / "id.txt"), "--output", str(checkpoints / "x.json")]
+    argv += [a.format(**paths) for a in extra]
+    assert eval_main(argv) == 2  # reported as "error: ...", not raised
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0,2"], ["--samples", "0"], ["--step-size", "-1"], ["--steps", "two"]])
+def test_eval_thinking_rejects_counts_below_one_and_negative_step_sizes(checkpoints, capsys, bad):
+    argv = ["thinking", "--model", str(checkpoints / "ebt"), "--data", str(checkpoints / "id.txt"), *bad]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(argv)
+    assert exit_info.value.code == 2
+    assert re.search("must be|not a comma-separated", capsys.readouterr().err)
