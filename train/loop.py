@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -59,9 +60,20 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     # embedding of an unused step count); without find_unused_parameters DDP then leaves the
     # first step's gradients un-averaged, silently.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.kind == "ebt")
-    acc = Accelerator(mixed_precision=mp, log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=[ddp])
+    # cpu=True on GPU-less machines: without it Accelerate leaves torchrun's processes ungrouped
+    # (each trains alone on the full batch) instead of joining them with gloo.
+    acc = Accelerator(
+        mixed_precision=mp,
+        cpu=not torch.cuda.is_available(),
+        log_with=log_with,
+        project_dir=cfg.output_dir,
+        kwargs_handlers=[ddp],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != launched:
+        raise ValueError(f"{launched} processes were launched but {acc.num_processes} joined the process group")
     if acc.distributed_type not in SUPPORTED:
-        raise RuntimeError(
+        raise ValueError(
             f"distributed type {acc.distributed_type.value} is not supported: the EBT's second-order "
             f"gradients are only verified under DDP (FSDP2 with create_graph=True errors or returns no "
             f"gradients, pytorch#172543). Launch with a DDP config, e.g. "
