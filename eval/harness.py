@@ -1,0 +1,119 @@
+"""``python -m eval harness``: lm-evaluation-harness tasks swept over thinking settings, one table.
+
+    python -m eval harness --model runs/default/final --tasks ebt_reasoning_mc,ebt_text_ppl \\
+        --text-file ../shared/data/tinyshakespeare.txt --think-steps 1,2,4 --limit 200
+
+The model is loaded once as the ``ebt`` lm-eval model (``eval.lm_eval_ebt``) and every task is
+evaluated at every (steps, samples) setting; the table has one row per task and metric and one
+column per setting. The project's local tasks (``eval/tasks``: ``ebt_<task>``, ``ebt_<task>_mc``,
+the tags ``ebt_reasoning`` / ``ebt_reasoning_mc``, and ``ebt_text_ppl``) need no Hub; lm-eval's
+built-in task index is only read when a task is not found locally, because reading it takes
+tens of seconds on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (e.g. OUTPUT/final) or Hub name")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, tags or groups")
+    parser.add_argument("--think-steps", type=_int_list, default=[None], help="e.g. 1,2,4 (default: the checkpoint's)")
+    parser.add_argument("--think-samples", type=_int_list, default=[None], help="random starts, e.g. 1,4 (default: the checkpoint's)")
+    parser.add_argument("--think-tolerance", type=float, default=None, help="adaptive thinking: stop a position once a step gains less")
+    parser.add_argument("--think-seed", type=int, default=None, help="seed of the random starts (default: the checkpoint's)")
+    parser.add_argument("--text-file", default=None, help="local text file of ebt_text_ppl (one document per paragraph)")
+    parser.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--include-path", action="append", default=[], help="more task folders (repeatable)")
+    parser.add_argument("--output", type=Path, default=None, help="write the table and every result to this JSON file")
+
+
+def task_manager(tasks: list[str], include_paths: list[str], metadata: dict[str, Any]):
+    """The local tasks only, unless a requested task is not among them (then lm-eval's own too)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR), *include_paths]
+    local = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if all(local.match_tasks([name]) for name in tasks):
+        return local
+    return TaskManager(include_path=paths, metadata=metadata)
+
+
+def setting_label(steps: int | None, samples: int | None) -> str:
+    parts = [f"steps={steps}" if steps is not None else "", f"samples={samples}" if samples is not None else ""]
+    return ", ".join(p for p in parts if p) or "checkpoint default"
+
+
+def metric_rows(results: dict) -> dict[tuple[str, str], float]:
+    """{(task, metric): value} from lm-eval's results, metric names marked with ↑/↓, stderrs dropped."""
+    rows = {}
+    for task, metrics in sorted(results["results"].items()):
+        better = results.get("higher_is_better", {}).get(task, {})
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if key == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            arrow = {True: " ↑", False: " ↓"}.get(better.get(metric), "")
+            name = metric + (f" ({filt})" if filt and filt != "none" else "") + arrow
+            rows[(task, name)] = float(value)
+    return rows
+
+
+def markdown_table(columns: dict[str, dict[tuple[str, str], float]]) -> str:
+    """Rows task x metric, one column per thinking setting."""
+    keys = sorted({k for rows in columns.values() for k in rows})
+    lines = ["| task | metric | " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * len(columns)]
+    for task, metric in keys:
+        cells = [f"{rows[(task, metric)]:.4g}" if (task, metric) in rows else "" for rows in columns.values()]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    from eval.lm_eval_ebt import EBTLM
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    metadata = {"text_file": args.text_file} if args.text_file else {}
+    manager = task_manager(tasks, args.include_path, metadata)
+    lm = EBTLM(
+        pretrained=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, think_tolerance=args.think_tolerance,
+        think_seed=args.think_seed,
+    )
+    columns, raw = {}, {}
+    for steps, samples in itertools.product(args.think_steps, args.think_samples):
+        lm.set_thinking(think_steps=steps, think_samples=samples)
+        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit, log_samples=False)
+        label = setting_label(steps, samples)
+        columns[label] = metric_rows(results)
+        raw[label] = {k: results[k] for k in ("results", "higher_is_better", "n-samples") if k in results}
+    table = markdown_table(columns)
+    print(f"\n{args.model}: {', '.join(tasks)}" + (f" (limit {args.limit:g})" if args.limit else "") + "\n")
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        report = {"model": args.model, "tasks": tasks, "limit": args.limit, "table": table, "results": raw}
+        args.output.write_text(json.dumps(report, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    return 0
