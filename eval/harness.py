@@ -70,8 +70,8 @@ def metric_rows(results: dict) -> dict[tuple[str, str], float]:
     for task, metrics in sorted(results["results"].items()):
         better = results.get("higher_is_better", {}).get(task, {})
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if key == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, filt = key.partition(",")  # metrics are "name,filter"; alias, sample_len are not
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             arrow = {True: " ↑", False: " ↓"}.get(better.get(metric), "")
             name = metric + (f" ({filt})" if filt and filt != "none" else "") + arrow
