@@ -47,8 +47,13 @@ def _local_files(source: str) -> list[str]:
 
 
 def is_local(source: str) -> bool:
-    """A path-looking source must exist: a typo must not be mistaken for a Hub dataset name."""
-    return os.sep in source or source.startswith(".") or Path(source).suffix in FORMATS or Path(source).exists()
+    """Path-looking sources must exist locally: a typo must not be mistaken for a Hub name."""
+    return (
+        Path(source).exists()
+        or source.startswith((".", "/", "~"))
+        or Path(source).suffix in FORMATS
+        or glob.has_magic(source)
+    )
 
 
 def load_source(

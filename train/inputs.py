@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ebt import data as D
@@ -144,7 +145,7 @@ class StreamBatches:
     """This process's share of a streamed corpus; position = ``datasets``' iterator state."""
 
     def __init__(self, train: datasets.IterableDataset, rank: int, world: int, seed: int, shuffle_buffer: int):
-        ds = datasets.distributed.split_dataset_by_node(train, rank=rank, world_size=world)
+        ds = split_dataset_by_node(train, rank=rank, world_size=world)
         self.ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else ds
         self.epoch = 0
         self._it = None

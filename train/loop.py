@@ -313,6 +313,8 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         if self.resume_from is not None:
             self._resume()
+        elif acc.is_main_process:  # a fresh start in this run's folder (killed before its first checkpoint)
+            self._metrics_path().unlink(missing_ok=True)
             if self.step >= cfg.train.max_steps and (self.out / "final").is_dir():
                 acc.print(f"{self.out} is finished (step {self.step}); its export is in {self.out / 'final'}")
                 return {}
