@@ -39,6 +39,7 @@ class EBTLM(HFLM):
         **kwargs,
     ) -> None:
         kwargs.setdefault("backend", "causal")  # lm-eval cannot tell from a model type it does not know
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # hf's default is always cuda
         super().__init__(pretrained, **kwargs)
         self.think = {
             "think_steps": think_steps,
