@@ -29,6 +29,7 @@ from transformers import GenerationConfig
 from transformers.generation import (
     GenerateDecoderOnlyOutput,
     LogitsProcessorList,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -145,6 +146,7 @@ class EBTGenerationMixin:
         attention_mask: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
         streamer=None,
+        stopping_criteria: StoppingCriteriaList | None = None,
         **kwargs,
     ) -> torch.LongTensor | EBTGenerateOutput:
         """Generate after thinking at every new token.
@@ -154,7 +156,8 @@ class EBTGenerationMixin:
         ``top_p``, ``eos_token_id``, ``pad_token_id``, ``num_return_sequences``, ``use_cache``,
         ``output_scores``, ``output_logits``, ``return_dict_in_generate``) come as keyword
         arguments or in ``generation_config``; ``streamer`` gets ``put``/``end`` as in
-        ``transformers``. Thinking options: ``think_steps``, ``think_samples``,
+        ``transformers``; ``stopping_criteria`` (e.g. lm-eval's stop sequences) ends a sequence
+        when it returns True for it. Thinking options: ``think_steps``, ``think_samples``,
         ``think_step_size``, ``think_noise``, ``think_temperature`` (Langevin),
         ``think_tolerance``, ``think_accept_decrease``, ``think_seed``; unset ones default to the
         model config's ``inference_*`` fields.
@@ -214,8 +217,10 @@ class EBTGenerationMixin:
                 streamer.put(next_tokens.cpu())
             if len(eos):
                 unfinished = unfinished & ~torch.isin(next_tokens, eos)
-                if not unfinished.any():
-                    break
+            if stopping_criteria:
+                unfinished = unfinished & ~stopping_criteria(sequences, warped)
+            if not unfinished.any():
+                break
         if streamer is not None:
             streamer.end()
 

@@ -239,3 +239,26 @@ def test_pipeline_with_remote_code_where_ebt_is_not_imported(model, tokenizer, t
     module, text = run.stdout.strip().splitlines()[-2:]
     assert module.startswith("transformers_modules")
     assert text == repr(expected)
+
+
+def test_stopping_criteria_end_each_sequence_on_its_own():
+    """lm-eval's hf model passes stop sequences as stopping_criteria; each row stops when told."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtLength(StoppingCriteria):
+        def __init__(self, lengths: torch.Tensor):
+            self.lengths = lengths
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            return input_ids.shape[1] >= self.lengths
+
+    torch.manual_seed(0)
+    model = EBTForCausalLM(EBTConfig(vocab_size=11, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=32)).eval()
+    prompt = torch.randint(1, 11, (2, 3))
+    free = model.generate(prompt, max_new_tokens=8, pad_token_id=0)
+    stopped = model.generate(prompt, max_new_tokens=8, pad_token_id=0,
+                             stopping_criteria=StoppingCriteriaList([StopAtLength(torch.tensor([5, 7]))]))
+    assert stopped.shape[1] == 7  # the longest row decides the length
+    assert torch.equal(stopped[0, :5], free[0, :5]) and (stopped[0, 5:] == 0).all()
+    assert torch.equal(stopped[1], free[1, :7])
