@@ -5,6 +5,12 @@ context. If that judgement is informative, tokens with high energy should be the
 wrong (positive energy/loss correlation), and text unlike the training data should get higher
 mean energy (AUROC > 0.5 with "out of distribution" as the positive class).
 
+Raw energies carry a per-context offset: training only ever uses the energy's gradient with
+respect to the candidate, so E(x, p) = f(x) + g(x, p) with f free, and f can dominate (on the tiny
+Shakespeare S2 model the raw final energy is *anti*-correlated with loss). The offset cancels in
+the *relative energy* E(x, p_final) - E(x, uniform): how far thinking got below an uninformed
+candidate on the same context, for one extra energy pass per token. Both are reported.
+
 The statistics are written out in torch (ranks with ties averaged) so that this module needs
 nothing beyond the model's own dependencies; the tests check them against scipy/scikit-learn.
 """
@@ -21,25 +27,38 @@ import torch.nn.functional as F
 class TokenScores:
     """Per predicted token of unpadded sequences (B, L): column r scores token r+1.
 
-    energy: (B, L-1) final energy of the chosen candidate; nll: (B, L-1) its cross-entropy
+    energy: (B, L-1) final energy of the chosen candidate; reference_energy: (B, L-1) energy of
+    the uniform candidate on the same context; nll: (B, L-1) the chosen candidate's cross-entropy
     against the true token; steps_taken: (B, L-1) inner steps spent; function_evaluations: energy
-    passes spent per token.
+    passes spent per token by thinking (the reference pass not included).
     """
 
     energy: torch.Tensor
+    reference_energy: torch.Tensor
     nll: torch.Tensor
     steps_taken: torch.Tensor
     function_evaluations: int
+
+    @property
+    def relative_energy(self) -> torch.Tensor:
+        """(B, L-1) final minus uniform-candidate energy: the per-context offset cancels."""
+        return self.energy - self.reference_energy
 
 
 def score_tokens(model, input_ids: torch.Tensor, **think_kwargs) -> TokenScores:
     """Think over ``input_ids`` (B, L) once and score every next token; ``think_kwargs`` go to ``think()``."""
     with torch.no_grad():
-        out = model.think(input_ids, **think_kwargs)
+        context = model.model.encode(input_ids)
+        out = model.think(context=context, **think_kwargs)
         logits = out.logits[:, :-1]  # (B, L-1, V): the last position has no target
         nll = F.cross_entropy(logits.flatten(0, 1).double(), input_ids[:, 1:].flatten(), reduction="none")
+        bsz, length = input_ids.shape
+        uniform = torch.full((bsz, length, model.config.vocab_size), 1.0 / model.config.vocab_size, device=input_ids.device)
+        steps = out.energies.shape[-1] - 1  # the final energy is taken at this step index (step embeddings)
+        reference = model.model.energy(context, uniform, torch.arange(length, device=input_ids.device), step=steps)
     return TokenScores(
         energy=out.energies[:, :-1, -1],
+        reference_energy=reference[:, :-1],
         nll=nll.view_as(input_ids[:, 1:]),
         steps_taken=out.steps_taken[:, :-1],
         function_evaluations=out.function_evaluations,

@@ -8,7 +8,8 @@ the same windows once: one forward per token, no knob to turn, so it is a flat l
 
 With ``--ood-data`` the same is done on a second text, and the per-window mean energy is scored
 as an out-of-distribution detector (AUROC, OOD = positive). For every setting the per-token
-energy/loss correlation is reported too (energy as uncertainty). All numbers go through the
+energy/loss correlation is reported too (energy as uncertainty), for the raw final energy and for
+the energy relative to the uniform candidate on the same context (see ``ebt.uncertainty``). All numbers go through the
 local ``evaluate`` modules in ``eval/metrics``; a JSON record and a PNG plot are written.
 
     python -m eval thinking --model runs/shakespeare_char_ebt_s2/final \\
@@ -125,9 +126,12 @@ def score_ebt(model: PreTrainedModel, data: torch.Tensor, batch_size: int, think
 
     scores = [score_tokens(model, batch, **think) for batch in data.split(batch_size)]
     energy = torch.cat([s.energy for s in scores])  # (N, block - 1)
+    relative = torch.cat([s.relative_energy for s in scores])
     nll = torch.cat([s.nll for s in scores])
     ppl = load_metric("perplexity").compute(nll_sum=nll.sum(1).tolist(), token_count=[nll.shape[1]] * len(nll))
-    corr = load_metric("energy_correlation").compute(energy=energy.flatten().tolist(), loss=nll.flatten().tolist())
+    correlation = load_metric("energy_correlation")
+    corr = correlation.compute(energy=energy.flatten().tolist(), loss=nll.flatten().tolist())
+    corr_relative = correlation.compute(energy=relative.flatten().tolist(), loss=nll.flatten().tolist())
     return {
         "perplexity": ppl["perplexity"],
         "nll_per_token": ppl["nll_per_token"],
@@ -137,7 +141,11 @@ def score_ebt(model: PreTrainedModel, data: torch.Tensor, batch_size: int, think
         "mean_energy": float(energy.double().mean()),
         "energy_loss_pearson": corr["pearson"],
         "energy_loss_spearman": corr["spearman"],
-        "window_energy": energy.double().mean(1).tolist(),  # per window, for the OOD AUROC
+        "relative_energy_loss_pearson": corr_relative["pearson"],
+        "relative_energy_loss_spearman": corr_relative["spearman"],
+        # per window, for the OOD AUROC
+        "window_energy": energy.double().mean(1).tolist(),
+        "window_relative_energy": relative.double().mean(1).tolist(),
     }
 
 
@@ -151,6 +159,16 @@ def score_twin(model: PreTrainedModel, data: torch.Tensor, batch_size: int) -> d
             sums += nll.view(len(batch), -1).sum(1).tolist()
     ppl = load_metric("perplexity").compute(nll_sum=sums, token_count=[data.shape[1] - 1] * len(sums))
     return {"perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"], "tokens": ppl["tokens"], "function_evaluations": 1}
+
+
+def _ood_auroc(metric, in_dist: dict, out_dist: dict) -> dict:
+    """AUROC of mean window energy (raw and relative) with the OOD windows as positives."""
+    result = {}
+    for key, name in (("window_energy", "auroc_energy"), ("window_relative_energy", "auroc_relative_energy")):
+        scores = in_dist[key] + out_dist[key]
+        labels = [0] * len(in_dist[key]) + [1] * len(out_dist[key])
+        result[name] = metric.compute(score=scores, is_ood=labels)["auroc"]
+    return result
 
 
 # ------------------------------------------------------------------------------------ report
@@ -187,16 +205,19 @@ def plot(record: dict, path: Path) -> None:
 
 
 def _table(record: dict) -> str:
-    lines = ["dataset  steps  samples     FE  perplexity  steps_taken  spearman(E, loss)"]
+    lines = ["dataset  steps  samples     FE  perplexity  steps_taken  spearman(E, loss)  spearman(E-E_unif, loss)"]
     for r in record["ebt"]:
         lines.append(
             f"{r['dataset']:<8} {r['steps']:>5} {r['samples']:>8} {r['function_evaluations']:>6} {r['perplexity']:>11.4f}"
-            f" {r['mean_steps_taken']:>12.2f} {r['energy_loss_spearman']:>18.3f}"
+            f" {r['mean_steps_taken']:>12.2f} {r['energy_loss_spearman']:>18.3f} {r['relative_energy_loss_spearman']:>25.3f}"
         )
     for name, t in record["twin"].items():
         lines.append(f"{name:<8} Transformer++ twin   {t['function_evaluations']:>6} {t['perplexity']:>11.4f}")
     for r in record["auroc"]:
-        lines.append(f"OOD AUROC of mean window energy, steps {r['steps']} samples {r['samples']}: {r['auroc']:.3f}")
+        lines.append(
+            f"OOD AUROC of mean window energy, steps {r['steps']} samples {r['samples']}: "
+            f"raw {r['auroc_energy']:.3f}, relative {r['auroc_relative_energy']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -232,11 +253,9 @@ def run(args: argparse.Namespace) -> dict:
             started = time.time()
             per_data = {name: score_ebt(model, d, args.batch_size, dict(think, steps=steps, samples=samples)) for name, d in data.items()}
             for name, result in per_data.items():
-                rows.append({"dataset": name, "steps": steps, "samples": samples, **{k: v for k, v in result.items() if k != "window_energy"}})
+                rows.append({"dataset": name, "steps": steps, "samples": samples, **{k: v for k, v in result.items() if not k.startswith("window_")}})
             if "ood" in per_data:
-                scores = per_data["id"]["window_energy"] + per_data["ood"]["window_energy"]
-                labels = [0] * len(per_data["id"]["window_energy"]) + [1] * len(per_data["ood"]["window_energy"])
-                auroc.append({"steps": steps, "samples": samples, **metric.compute(score=scores, is_ood=labels)})
+                auroc.append({"steps": steps, "samples": samples, **_ood_auroc(metric, per_data["id"], per_data["ood"])})
             ppl = ", ".join(f"{name} {r['perplexity']:.4f}" for name, r in per_data.items())
             print(f"steps {steps:>3} samples {samples:>2}: perplexity {ppl} ({time.time() - started:.0f} s)", file=sys.stderr)
     return {

@@ -151,6 +151,17 @@ def test_correlation_and_auroc_match_scipy_and_sklearn():
     assert auroc(torch.tensor(neg), torch.tensor(pos)) == pytest.approx(expected, abs=1e-12)
 
 
+def test_relative_energy_subtracts_the_uniform_candidates_energy_on_the_same_context(model):
+    one_landscape = copy.deepcopy(model)
+    one_landscape.model.step_embed = None  # one landscape: think()'s start energy is comparable to the final one
+    ids = _ids()
+    scores = score_tokens(one_landscape, ids, steps=2)
+    uniform_start = torch.zeros(*ids.shape, model.config.vocab_size, dtype=torch.float64)  # softmax(0) = uniform
+    reference = one_landscape.think(ids, steps=1, init_logits=uniform_start).energies[..., 0]
+    torch.testing.assert_close(scores.reference_energy, reference[:, :-1])
+    torch.testing.assert_close(scores.relative_energy, scores.energy - reference[:, :-1])
+
+
 def test_energy_predicts_loss_on_held_out_text_after_training():
     """Trains a tiny EBT (S1-like recipe) for 60 steps on tiny Shakespeare, then checks on the
     held-out last 10% that per-token energy and loss are positively correlated: Spearman > 0.2
@@ -181,6 +192,7 @@ def test_energy_predicts_loss_on_held_out_text_after_training():
     assert scores.nll.mean() < 3.0, "the model did not learn (uniform is ln(65) = 4.2 nats): nothing to correlate"
     assert spearman(scores.energy, scores.nll) > 0.2
     assert pearson(scores.energy, scores.nll) > 0.0
+    assert spearman(scores.relative_energy, scores.nll) > 0.2
 
 
 # ------------------------------------------------------------------ metrics and the eval command
@@ -225,6 +237,7 @@ def test_eval_thinking_writes_the_curve_the_twin_line_json_and_plot(checkpoints,
         assert r["function_evaluations"] == r["samples"] * (2 * r["steps"] + 1)
         assert r["tokens"] == 8 * 31 and r["perplexity"] == pytest.approx(math.exp(r["nll_per_token"]))
     assert {(r["steps"], r["samples"]) for r in record["auroc"]} == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    assert all(0 <= r[k] <= 1 for r in record["auroc"] for k in ("auroc_energy", "auroc_relative_energy"))
     # The twin's line is exactly its own cross-entropy on the same windows.
     twin = LlamaForCausalLM.from_pretrained(checkpoints / "llama")
     tokenizer = char_tokenizer([ALPHABET])
@@ -238,6 +251,7 @@ def test_eval_thinking_writes_the_curve_the_twin_line_json_and_plot(checkpoints,
     expected = score_tokens(ebt, ids, steps=3, samples=2)
     row = next(r for r in record["ebt"] if (r["dataset"], r["steps"], r["samples"]) == ("id", 3, 2))
     assert row["perplexity"] == pytest.approx(math.exp(expected.nll.mean()), rel=1e-5)
+    assert row["relative_energy_loss_spearman"] == pytest.approx(spearman(expected.relative_energy, expected.nll), abs=1e-6)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Transformer++ twin" in capsys.readouterr().out
 
