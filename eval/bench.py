@@ -1,0 +1,517 @@
+"""``python -m eval bench``: what energy-based thinking costs against Transformer++, in one run.
+
+Everything is measured in one process on one machine, on models of equal dimensions (an EBT and
+its ``LlamaForCausalLM`` twin from ``llama_twin_config``), with random weights and random tokens:
+cost does not depend on what the weights have learnt.
+
+- training: one optimizer step (zero grads, loss, backward, clip 1.0, AdamW) of Transformer++,
+  EBT S1 (2 inner steps) and EBT S2 (3 inner steps), each EBT also the plain way
+  (``ebt.reference.plain_forward``: the doubled sequence recomputed at every inner step);
+  tokens/s, peak memory and the ratio the FLOP count (``eval.flops``) predicts;
+- generation: time per new token (batch 1, greedy) of ``LlamaForCausalLM.generate`` with its
+  cache, cached EBT generation at several thinking steps, and uncached EBT generation, at
+  several context lengths.
+
+How it is measured, and why:
+- the candidates being compared run round-robin inside every repeat, in a rotating order, so a
+  change of machine load (a shared machine) hits all of them alike and the ratios stay fair;
+  every figure is the median of the repeats, after warm-up rounds;
+- AdamW runs at lr 0: it does all its arithmetic but the weights stay put, so every repeat
+  times the same computation;
+- time per generated token is ``(t(1 + m new) - t(1 new)) / m``: decoding only, the prompt's
+  prefill (``t(1 new)``, time to first token) is reported separately;
+- peak memory is the peak of bytes allocated by tensors during one step above what was
+  allocated before it, plus the weights and optimizer state (gradients are freed before the
+  step, so they count in the step). On CUDA from ``torch.cuda.max_memory_allocated``; on CPU,
+  where torch keeps no such counter (and ``tracemalloc`` cannot see its allocations), from the
+  allocation and free events ``torch.profiler`` records with ``profile_memory=True``: their
+  running sum is the bytes allocated at each moment. The CPU allocator caches nothing, so that
+  is what the step really holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaForCausalLM
+
+from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
+from ebt.reference import plain_forward
+
+from .flops import Dims, Recipe, ebt_decode_flops, llama_decode_flops, train_step_flops
+
+
+@dataclass(frozen=True)
+class Size:
+    """Dimensions of one benchmarked EBT and its twin (SwiGLU hidden = width), and the workload."""
+
+    layers: int
+    width: int
+    heads: int
+    context: int  # training sequence length
+    batch: int  # training sequences per step
+    vocab: int
+    gen_contexts: tuple[int, ...]  # prompt lengths for generation
+
+
+SIZES = {
+    # The smoke test's: seconds on any machine.
+    "micro": Size(layers=2, width=32, heads=2, context=16, batch=2, vocab=17, gen_contexts=(8,)),
+    # DESIGN.md §6: character-level tiny Shakespeare on 2 CPU cores.
+    "tiny": Size(layers=4, width=128, heads=4, context=64, batch=12, vocab=65, gen_contexts=(16, 64, 256)),
+    # The paper's sizes (Table D.1), its context 256 and its GPT-NeoX tokenizer's vocabulary.
+    "xxs": Size(layers=6, width=384, heads=6, context=256, batch=32, vocab=50277, gen_contexts=(64, 256, 1024)),
+    "small": Size(layers=12, width=768, heads=12, context=256, batch=16, vocab=50277, gen_contexts=(64, 256, 1024)),
+}
+DEFAULT_SIZES = {"cpu": ("tiny",), "cuda": ("xxs", "small")}
+
+# The two published recipes (DESIGN.md §3) as far as they change the cost of a step. S2 draws
+# 2 or 3 steps per batch; the benchmark times its dearer case, 3. Its replay buffer only changes
+# where the candidates start, not what a step computes.
+RECIPES = {
+    "S1": dict(
+        update_rule="probability", step_size=500.0, step_size_learnable=True, train_steps=2,
+        detach_between_steps=True, second_order="all", loss_on="all", step_embeddings=True,
+    ),
+    "S2": dict(
+        update_rule="probability", step_size=5.0, step_size_learnable=False, step_size_random_scale=2.0,
+        train_steps=3, detach_between_steps=False, second_order="last", loss_on="last",
+        langevin_noise=3.0, step_embeddings=False,
+    ),
+}
+
+# The issue's targets (ratios measured in the same run).
+TRAIN_RATIO_MAX = 2.5  # EBT S1 step / Transformer++ step, tiny size on CPU
+REUSE_SPEEDUP_MIN = 1.5  # plain / ours, S1 (2 steps)
+CACHE_SPEEDUP_MIN = 5.0  # uncached / cached per-token time at context 256
+CACHE_SPEEDUP_CONTEXT = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of every function, round-robin in a rotating order (see the module doc)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by tensors while ``fn`` runs, above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each "[memory]" event is one allocation (+bytes) or free (-bytes); frees of tensors that
+    # existed before profiling started are not reported, so the running sum starts at 0.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def top_ops(fn: Callable[[], object], device: torch.device, count: int = 12) -> list[dict]:
+    """Where the time of one call goes: the ``count`` operators with the most self time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = [e for e in prof.key_averages() if getattr(e, attribute) > 0]
+    total = sum(getattr(e, attribute) for e in ops)
+    ops.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return [
+        {"op": e.key, "ms": getattr(e, attribute) / 1e3, "share": getattr(e, attribute) / total, "calls": e.count}
+        for e in ops[:count]
+    ]
+
+
+class TrainStep:
+    """One optimizer step of a model on a fixed batch: zero grads, loss, backward, clip, AdamW.
+
+    lr 0: AdamW does all its arithmetic but the weights never move, so every repeat times the
+    same computation.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn(self.model).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+
+    def resting_bytes(self) -> int:
+        """Weights and optimizer state: what stays allocated between steps."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        return weights + state
+
+    def peak_bytes(self, device: torch.device) -> int:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.resting_bytes() + peak_memory(self, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def ebt_config(size: Size, recipe: str, max_positions: int) -> EBTConfig:
+    return EBTConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.width,
+        intermediate_size=size.width,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        max_position_embeddings=max_positions,
+        **RECIPES[recipe],
+    )
+
+
+def build_models(
+    size: Size, max_positions: int, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, EBTForCausalLM], LlamaForCausalLM]:
+    """An EBT per recipe and the Transformer++ twin, seeded, on ``device`` in ``dtype``."""
+    torch.manual_seed(0)
+    ebts = {name: EBTForCausalLM(ebt_config(size, name, max_positions)).to(device, dtype) for name in RECIPES}
+    llama = LlamaForCausalLM(llama_twin_config(ebts["S1"].config)).to(device, dtype)
+    return ebts, llama
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def bench_training(size: Size, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, profile_ops: bool) -> dict:
+    """Training steps of Transformer++ and of each EBT recipe, ours and the plain way."""
+    ebts, llama = build_models(size, size.context, device, dtype)
+    for model in (*ebts.values(), llama):
+        model.train()
+    ids = torch.randint(size.vocab, (size.batch, size.context), device=device)
+    steps = {"Transformer++": TrainStep(llama, lambda m: m(input_ids=ids, labels=ids).loss)}
+    for name, model in ebts.items():
+        steps[f"EBT {name}"] = TrainStep(model, lambda m: m(input_ids=ids, labels=ids).loss)
+        steps[f"EBT {name} plain"] = TrainStep(model, lambda m: plain_forward(m, ids, ids).loss)
+    times = time_interleaved(steps, device, warmup, repeats)
+
+    dims = Dims.of(ebts["S1"].config)
+    tokens = size.batch * size.context
+    rows = []
+    for name, step in steps.items():
+        recipe = name.split()[1] if name.startswith("EBT") else None
+        flops = train_step_flops(dims, size.context, Recipe.of(ebts[recipe or "S1"].config))
+        way = "llama" if recipe is None else ("plain" if name.endswith("plain") else "ebt")
+        median = statistics.median(times[name])
+        row = {
+            "name": name,
+            "recipe": recipe,
+            "way": way,
+            "inner_steps": ebts[recipe].config.train_steps if recipe else None,
+            "seconds": times[name],
+            "median_s": median,
+            "tokens_per_s": tokens / median,
+            "peak_bytes": step.peak_bytes(device),
+            "flops_per_token": flops[way],
+        }
+        if profile_ops:
+            row["top_ops"] = top_ops(step, device)
+        rows.append(row)
+    return {"tokens_per_step": tokens, "rows": rows}
+
+
+def bench_generation(
+    size: Size,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    think_steps: list[int],
+    uncached_steps: list[int],
+    new_tokens: int,
+    profile_ops: bool,
+) -> dict:
+    """Per-token decoding time of Transformer++ and EBT (cached at every k, uncached), batch 1."""
+    ebts, llama = build_models(size, max(size.gen_contexts) + new_tokens + 1, device, dtype)
+    ebt = ebts["S1"].eval()
+    llama.eval()
+    dims = Dims.of(ebt.config)
+    contexts = []
+    for length in size.gen_contexts:
+        prompt = torch.randint(size.vocab, (1, length), device=device)
+        mask = torch.ones_like(prompt)
+        variants: dict[str, Callable[[int], object]] = {
+            "llama": lambda n: llama.generate(
+                prompt, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0
+            )
+        }
+        for k in think_steps:
+            variants[f"cached k={k}"] = lambda n, k=k: ebt.generate(prompt, max_new_tokens=n, think_steps=k, use_cache=True)
+        for k in uncached_steps:
+            variants[f"uncached k={k}"] = lambda n, k=k: ebt.generate(prompt, max_new_tokens=n, think_steps=k, use_cache=False)
+        calls = {
+            f"{name}|{n}": (lambda fn=fn, n=n: fn(n)) for name, fn in variants.items() for n in (1, 1 + new_tokens)
+        }
+        times = time_interleaved(calls, device, warmup, repeats)
+        rows = []
+        for name, fn in variants.items():
+            first = statistics.median(times[f"{name}|1"])
+            per_token = (statistics.median(times[f"{name}|{1 + new_tokens}"]) - first) / new_tokens
+            k = int(name.split("=")[1]) if "=" in name else None
+            cached = not name.startswith("uncached")
+            flops = llama_decode_flops(dims, length) if k is None else ebt_decode_flops(dims, length, k, cached)
+            row = {
+                "name": name,
+                "think_steps": k,
+                "cached": cached,
+                "first_token_s": first,
+                "per_token_s": per_token,
+                "flops_per_token": flops,
+            }
+            if profile_ops:
+                row["top_ops"] = top_ops(lambda fn=fn: fn(1 + new_tokens), device)
+            rows.append(row)
+        contexts.append({"context": length, "rows": rows})
+    return {"new_tokens": new_tokens, "contexts": contexts}
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and report
+# --------------------------------------------------------------------------------------------
+
+
+def _row(rows: list[dict], name: str) -> dict | None:
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def evaluate_targets(size_name: str, device: torch.device, result: dict) -> list[dict]:
+    """The issue's targets that this size's measurements can decide."""
+    targets = []
+
+    def add(name: str, value: float, limit: float, at_most: bool, applies: bool) -> None:
+        met = value <= limit if at_most else value >= limit
+        targets.append(
+            {"size": size_name, "target": name, "value": value, "limit": ("<= " if at_most else ">= ") + f"{limit:g}",
+             "met": met, "applies": applies}
+        )
+
+    training = result.get("training")
+    if training:
+        rows = training["rows"]
+        llama = _row(rows, "Transformer++")["median_s"]
+        s1, s1_plain = _row(rows, "EBT S1")["median_s"], _row(rows, "EBT S1 plain")["median_s"]
+        add("EBT S1 step / Transformer++ step", s1 / llama, TRAIN_RATIO_MAX, True, size_name == "tiny" and device.type == "cpu")
+        add("context reuse: plain / ours, S1 (2 steps)", s1_plain / s1, REUSE_SPEEDUP_MIN, False, True)
+    generation = result.get("generation")
+    if generation:
+        for ctx in generation["contexts"]:
+            rows = ctx["rows"]
+            llama = _row(rows, "llama")["per_token_s"]
+            for row in rows:
+                k = row["think_steps"]
+                if row["cached"] and k is not None:
+                    add(f"cached k={k} / Transformer++ per token, context {ctx['context']}", row["per_token_s"] / llama,
+                        2 * k + 2, True, True)
+            if ctx["context"] == CACHE_SPEEDUP_CONTEXT:
+                for row in rows:
+                    cached = _row(rows, f"cached k={row['think_steps']}")
+                    if not row["cached"] and cached is not None:
+                        add(f"uncached / cached per token, k={row['think_steps']}, context {ctx['context']}",
+                            row["per_token_s"] / cached["per_token_s"], CACHE_SPEEDUP_MIN, False, True)
+    return targets
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _x(n: float) -> str:
+    return f"{n:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def training_tables(training: dict) -> str:
+    rows = training["rows"]
+    llama = _row(rows, "Transformer++")
+    main = []
+    for r in rows:
+        if r["way"] == "plain":
+            continue
+        main.append([
+            r["name"], str(r["inner_steps"] or "-"), f"{r['median_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}",
+            _mib(r["peak_bytes"]), _x(r["median_s"] / llama["median_s"]), _x(r["flops_per_token"] / llama["flops_per_token"]),
+            _x(r["peak_bytes"] / llama["peak_bytes"]),
+        ])
+    reuse = []
+    for r in rows:
+        if r["way"] != "ebt":
+            continue
+        plain = _row(rows, r["name"] + " plain")
+        reuse.append([
+            r["recipe"], str(r["inner_steps"]), f"{r['median_s'] * 1e3:.1f}", f"{plain['median_s'] * 1e3:.1f}",
+            _x(plain["median_s"] / r["median_s"]), _x(plain["flops_per_token"] / r["flops_per_token"]),
+            _mib(r["peak_bytes"]), _mib(plain["peak_bytes"]), _x(plain["flops_per_token"] / llama["flops_per_token"]),
+        ])
+    return (
+        f"Training step ({training['tokens_per_step']} tokens)\n\n"
+        + _table(["model", "inner steps", "ms/step", "tokens/s", "peak MiB", "time vs T++", "FLOPs vs T++", "memory vs T++"], main)
+        + "\n\nContext reuse: the same EBT step, ours against the plain doubled sequence\n\n"
+        + _table(["recipe", "inner steps", "ours ms", "plain ms", "speed-up", "FLOP-predicted", "ours MiB", "plain MiB",
+                  "plain FLOPs vs T++"], reuse)
+    )
+
+
+def generation_table(generation: dict) -> str:
+    names = [r["name"] for r in generation["contexts"][0]["rows"]]
+    rows = []
+    for ctx in generation["contexts"]:
+        llama = _row(ctx["rows"], "llama")["per_token_s"]
+        cells = [str(ctx["context"])]
+        for name in names:
+            r = _row(ctx["rows"], name)
+            ratio = "" if name == "llama" else f" ({_x(r['per_token_s'] / llama)})"
+            cells.append(f"{r['per_token_s'] * 1e3:.2f}{ratio}")
+        rows.append(cells)
+    header = ["context"] + [("T++" if n == "llama" else "EBT " + n) + " ms/token" for n in names]
+    return (
+        f"Generation, batch 1, greedy: ms per new token (decoding {generation['new_tokens']} tokens; "
+        "in brackets: times Transformer++)\n\n" + _table(header, rows)
+    )
+
+
+def targets_table(targets: list[dict]) -> str:
+    rows = [
+        [t["size"], t["target"], f"{t['value']:.2f}", t["limit"], ("met" if t["met"] else "MISSED") + ("" if t["applies"] else " (n/a)")]
+        for t in targets
+    ]
+    return "Targets\n\n" + _table(["size", "target", "measured", "target", "result"], rows)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="default: tiny on CPU; xxs and small on CUDA")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--batch", type=int, help="training sequences per step, for every size (default: the size's)")
+    parser.add_argument("--sections", nargs="+", choices=("training", "generation"), default=["training", "generation"])
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
+    parser.add_argument("--think-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="cached generation (default 1 2 4 8)")
+    parser.add_argument("--uncached-steps", type=int, nargs="*", default=[2], help="uncached generation (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="decoded tokens per timed generation (default 16)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", action="store_true", help="also record each candidate's top operators (torch.profiler)")
+    parser.add_argument("--output", default="bench.json", help="JSON results (default bench.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to torch here.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    sizes = args.sizes or list(DEFAULT_SIZES[device.type])
+    report: dict = {
+        "machine": machine_info(device),
+        "load_average_start": os.getloadavg(),
+        "settings": {k: v for k, v in vars(args).items() if k != "output"} | {"dtype": str(dtype), "sizes": sizes},
+        "sizes": {},
+        "targets": [],
+    }
+    print(f"bench on {report['machine']['gpu'] if device.type == 'cuda' else report['machine']['cpu']}, "
+          f"{dtype}, {torch.get_num_threads()} threads, load average {report['load_average_start'][0]:.2f}\n")
+    for name in sizes:
+        size = SIZES[name]
+        if args.batch:
+            size = Size(**(asdict(size) | {"batch": args.batch}))
+        result: dict = {"dims": asdict(size)}
+        print(f"## {name}: {size.layers} layers, width {size.width}, {size.heads} heads, vocab {size.vocab}\n")
+        if "training" in args.sections:
+            result["training"] = bench_training(size, device, dtype, args.warmup, args.repeats, args.profile)
+            print(training_tables(result["training"]) + "\n")
+        if "generation" in args.sections:
+            result["generation"] = bench_generation(
+                size, device, dtype, args.warmup, args.repeats, args.think_steps, args.uncached_steps,
+                args.new_tokens, args.profile,
+            )
+            print(generation_table(result["generation"]) + "\n")
+        report["sizes"][name] = result
+        report["targets"] += evaluate_targets(name, device, result)
+    report["load_average_end"] = os.getloadavg()
+    print(targets_table(report["targets"]))
+    print(f"\nload average at the end {report['load_average_end'][0]:.2f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.output}")
+    return 0
