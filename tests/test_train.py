@@ -203,3 +203,24 @@ def test_streamed_local_corpus_trains(tmp_path):
     loop.Trainer(tiny(out, "model.kind=llama", f"data.source={src}", "data.streaming=true", "data.val_blocks=4",
                       "data.shuffle_buffer=16", "train.max_steps=3")).run()
     assert [r["step"] for r in metrics(out)] == [1, 2, 3] and (out / "final" / "tokenizer.json").is_file()
+
+
+def test_bad_data_fails_fast_and_leaves_no_half_made_run(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short for a block")
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match="no complete block"):
+        loop.Trainer(tiny(out, f"data.source={short}"))
+    assert not out.exists()  # so the corrected command may use it
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8 " * 50)
+    r = subprocess.run([sys.executable, "-m", "train", f"output_dir={out}", f"data.source={tmp_path / 'bad.txt'}"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and not out.exists()
+
+
+def test_fsdp_is_refused_with_the_reason(tmp_path, monkeypatch):
+    from accelerate import Accelerator, DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(ValueError, match="pytorch#172543.*multi_gpu.yaml"):
+        loop.make_accelerator(tiny(tmp_path / "r"))

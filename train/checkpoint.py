@@ -94,6 +94,17 @@ def write_run_config(out: Path, cfg: RunConfig) -> None:
         (out / "run_config.yaml").write_text(dump_yaml(cfg))
 
 
+def discard_fresh_run(out: Path, created: bool) -> None:
+    """Undo a fresh run that failed in setup, so the corrected command can use the folder.
+
+    Safe because :func:`prepare_output` only lets a fresh run start in an empty folder or one
+    holding an earlier attempt of the very same run that never reached a checkpoint.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    if not created:
+        out.mkdir(parents=True)
+
+
 def save(
     accelerator: Accelerator, root: Path, step: int, state: dict, process_state: dict, replay: ReplayBuffer | None, keep_last: int
 ) -> Path:

@@ -13,6 +13,13 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from train.config import RunConfig, dump_yaml
 
 
+def _data_line(cfg: RunConfig) -> str:
+    d = cfg.data
+    if d.source == "tasks":
+        return f"the embedded reasoning tasks ({', '.join(d.tasks)}; answers scored, prompts not)"
+    return f"`{d.source}`" + (f" ({d.hub_config})" if d.hub_config else "")
+
+
 def model_card(model: PreTrainedModel, cfg: RunConfig, tokens: int, steps: int, metrics: dict[str, float]) -> str:
     kind = "Energy-based transformer (EBT)" if cfg.model.kind == "ebt" else "Transformer++ (Llama) twin of an EBT"
     params = sum(p.numel() for p in model.parameters())
@@ -34,7 +41,7 @@ tags: [ebt, energy-based-transformer, causal-lm]
 {params:,} parameters: {cfg.model.num_hidden_layers} layers, width {cfg.model.hidden_size},
 {cfg.model.num_attention_heads} heads, context {cfg.model.max_position_embeddings}, vocabulary {model.config.vocab_size}.
 
-- Data: `{cfg.data.source}`{f" ({cfg.data.hub_config})" if cfg.data.hub_config else ""}, blocks of {cfg.data.block_size} tokens
+- Data: {_data_line(cfg)}, blocks of {cfg.data.block_size} tokens
 - Tokenizer: {cfg.tokenizer.kind}{f" ({cfg.tokenizer.name_or_path})" if cfg.tokenizer.name_or_path else ""}
 - Training: {steps} steps, {tokens:,} tokens seen, peak lr {cfg.train.lr}
 

@@ -144,9 +144,19 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg)
         self.resume_from = C.prepare_output(self.out, cfg)  # fails before anything is written
+        created = not self.out.exists()
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             C.write_run_config(self.out, cfg)
+        try:
+            self._setup()
+        except Exception:
+            if self.acc.is_main_process and self.resume_from is None:  # bad data or model: leave no half-made run
+                C.discard_fresh_run(self.out, created)
+            raise
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         set_seed(cfg.train.seed)
         self.tokenizer, self.blocks = self._data()
         self.model = build_model(cfg.model, self.tokenizer)
