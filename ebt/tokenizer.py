@@ -114,7 +114,10 @@ def sentencepiece_tokenizer(
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    return _wrap(tok, eos_token, bos_token=BOS)
+    # The <s> piece stays in the vocabulary (SentencePiece reserves it) but is not declared as
+    # bos_token: training joins documents with EOS only, and clients such as lm-eval start a
+    # window with bos_token when one is declared, which would condition on an unseen token.
+    return _wrap(tok, eos_token)
 
 
 def pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -189,11 +189,6 @@ def test_harness_rejects_bad_step_lists(capsys):
 # ------------------------------------------------------------------ generation through both models
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lm-eval's hf model passes stopping_criteria to generate(), and the export's generation_config "
-    "max_new_tokens=block_size overrides lm-eval's max_length (prompt + block_size > context)",
-)
 def test_generate_until_through_hf_and_ebt_equals_greedy_generate(checkpoint, text_file):
     manager = _local_tasks(text_file)
     common = dict(tasks=["ebt_addition"], task_manager=manager, device="cpu", batch_size=4, limit=8, log_samples=True)

@@ -88,7 +88,9 @@ def export(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        max_new_tokens=cfg.data.block_size,
+        # A length limit, not a number of new tokens: prompt + new tokens must fit the context,
+        # and clients (pipelines, lm-eval) pass their own max_new_tokens / max_length.
+        max_length=model.config.max_position_embeddings,
     ).save_pretrained(str(tmp))
     (tmp / "README.md").write_text(model_card(model, cfg, tokens, steps, metrics))
     (tmp / "run_config.yaml").write_text(dump_yaml(cfg))
