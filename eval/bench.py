@@ -18,8 +18,9 @@ How it is measured, and why:
   every figure is the median of the repeats, after warm-up rounds;
 - AdamW runs at lr 0: it does all its arithmetic but the weights stay put, so every repeat
   times the same computation;
-- time per generated token is ``(t(1 + m new) - t(1 new)) / m``: decoding only, the prompt's
-  prefill (``t(1 new)``, time to first token) is reported separately;
+- time per generated token is the median, over all tokens of all repeats, of the time between
+  two consecutive new tokens (``TokenClock``, a streamer): decoding only, the prompt's prefill
+  (time to first token) is reported apart;
 - peak memory is the peak of bytes allocated by tensors during one step above what was
   allocated before it, plus the weights and optimizer state (gradients are freed before the
   step, so they count in the step). On CUDA from ``torch.cuda.max_memory_allocated``; on CPU,
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -50,6 +52,8 @@ from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
 from ebt.reference import plain_forward
 
 from .flops import Dims, Recipe, ebt_decode_flops, llama_decode_flops, train_step_flops
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,24 +112,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, list[float]]:
-    """Seconds per call of every function, round-robin in a rotating order (see the module doc)."""
+def interleaved(fns: dict[str, Callable[[], T]], warmup: int, repeats: int) -> dict[str, list[T]]:
+    """What every function returns, one call per round, round-robin in a rotating order.
+
+    Rotating and interleaving (see the module doc) keeps the comparison fair on a shared
+    machine; the first ``warmup`` rounds are dropped.
+    """
     names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+            result = fns[name]()
+            if r >= warmup:
+                results[name].append(result)
+    return results
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """``fn`` returning its wall-clock seconds instead (the device synchronised)."""
+
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+class TokenClock:
+    """A ``generate()`` streamer that notes when the prompt and each new token are put.
+
+    ``transformers`` and EBT ``generate()`` put every token as soon as it is chosen (a CPU copy,
+    so the device is synchronised), which times each decoding step on its own: no prefill in the
+    per-token figure and one sample per token rather than one per call.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def intervals(self) -> list[float]:
+        """Seconds to the first new token, then between consecutive new tokens."""
+        return [b - a for a, b in itertools.pairwise(self.stamps)]
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -233,7 +269,7 @@ def bench_training(size: Size, device: torch.device, dtype: torch.dtype, warmup:
     for name, model in ebts.items():
         steps[f"EBT {name}"] = TrainStep(model, lambda m: m(input_ids=ids, labels=ids).loss)
         steps[f"EBT {name} plain"] = TrainStep(model, lambda m: plain_forward(m, ids, ids).loss)
-    times = time_interleaved(steps, device, warmup, repeats)
+    times = interleaved({name: timed(step, device) for name, step in steps.items()}, warmup, repeats)
 
     dims = Dims.of(ebts["S1"].config)
     tokens = size.batch * size.context
@@ -280,36 +316,38 @@ def bench_generation(
     for length in size.gen_contexts:
         prompt = torch.randint(size.vocab, (1, length), device=device)
         mask = torch.ones_like(prompt)
-        variants: dict[str, Callable[[int], object]] = {
-            "llama": lambda n: llama.generate(
-                prompt, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0
+        options = {"llama": {}} | {f"cached k={k}": {"think_steps": k} for k in think_steps}
+        options |= {f"uncached k={k}": {"think_steps": k, "use_cache": False} for k in uncached_steps}
+
+        def call(name: str, tokens: int) -> Callable[[], list[float]]:
+            model, kwargs = (ebt, {}) if name != "llama" else (
+                llama, {"attention_mask": mask, "do_sample": False, "use_cache": True, "pad_token_id": 0}
             )
-        }
-        for k in think_steps:
-            variants[f"cached k={k}"] = lambda n, k=k: ebt.generate(prompt, max_new_tokens=n, think_steps=k, use_cache=True)
-        for k in uncached_steps:
-            variants[f"uncached k={k}"] = lambda n, k=k: ebt.generate(prompt, max_new_tokens=n, think_steps=k, use_cache=False)
-        calls = {
-            f"{name}|{n}": (lambda fn=fn, n=n: fn(n)) for name, fn in variants.items() for n in (1, 1 + new_tokens)
-        }
-        times = time_interleaved(calls, device, warmup, repeats)
+
+            def run() -> list[float]:
+                clock = TokenClock()
+                model.generate(prompt, max_new_tokens=tokens, streamer=clock, **kwargs, **options[name])
+                return clock.intervals()
+
+            return run
+
+        samples = interleaved({name: call(name, new_tokens) for name in options}, warmup, repeats)
         rows = []
-        for name, fn in variants.items():
-            first = statistics.median(times[f"{name}|1"])
-            per_token = (statistics.median(times[f"{name}|{1 + new_tokens}"]) - first) / new_tokens
-            k = int(name.split("=")[1]) if "=" in name else None
-            cached = not name.startswith("uncached")
+        for name, calls in samples.items():
+            k = options[name].get("think_steps")
+            cached = options[name].get("use_cache", True)
             flops = llama_decode_flops(dims, length) if k is None else ebt_decode_flops(dims, length, k, cached)
             row = {
                 "name": name,
                 "think_steps": k,
                 "cached": cached,
-                "first_token_s": first,
-                "per_token_s": per_token,
+                "first_token_s": statistics.median(c[0] for c in calls),
+                "per_token_s": statistics.median(t for c in calls for t in c[1:]),
+                "token_seconds": calls,
                 "flops_per_token": flops,
             }
-            if profile_ops:
-                row["top_ops"] = top_ops(lambda fn=fn: fn(1 + new_tokens), device)
+            if profile_ops:  # 4 tokens: a full-length trace holds hundreds of thousands of events
+                row["top_ops"] = top_ops(call(name, 4), device)
             rows.append(row)
         contexts.append({"context": length, "rows": rows})
     return {"new_tokens": new_tokens, "contexts": contexts}
@@ -419,8 +457,8 @@ def generation_table(generation: dict) -> str:
         rows.append(cells)
     header = ["context"] + [("T++" if n == "llama" else "EBT " + n) + " ms/token" for n in names]
     return (
-        f"Generation, batch 1, greedy: ms per new token (decoding {generation['new_tokens']} tokens; "
-        "in brackets: times Transformer++)\n\n" + _table(header, rows)
+        f"Generation, batch 1, greedy, {generation['new_tokens']} new tokens: median ms between two new tokens "
+        "(in brackets: times Transformer++)\n\n" + _table(header, rows)
     )
 
 
@@ -468,13 +506,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
     parser.add_argument("--think-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="cached generation (default 1 2 4 8)")
     parser.add_argument("--uncached-steps", type=int, nargs="*", default=[2], help="uncached generation (default 2)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="decoded tokens per timed generation (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens per timed generation, >= 2 (default 16)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also record each candidate's top operators (torch.profiler)")
     parser.add_argument("--output", default="bench.json", help="JSON results (default bench.json)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens must be >= 2: the first token includes the prompt's prefill.")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to torch here.")

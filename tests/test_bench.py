@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 from ebt import EBTForCausalLM, llama_twin_config
 from ebt.reference import plain_forward
 from eval.__main__ import main as eval_main
-from eval.bench import RECIPES, SIZES, ebt_config, peak_memory, time_interleaved
+from eval.bench import RECIPES, SIZES, ebt_config, interleaved, peak_memory
 from eval.flops import Dims, Recipe, ebt_decode_flops, train_step_flops
 
 aten = torch.ops.aten
@@ -109,9 +109,12 @@ def test_cpu_peak_memory_sees_the_largest_moment():
     assert 8000 <= peak < 8200
 
 
-def test_time_interleaved_times_every_candidate_every_round():
+def test_interleaved_calls_every_candidate_every_round_in_rotating_order():
     calls = []
-    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), 1, 3)
-    assert calls.count("a") == calls.count("b") == 4
-    assert calls[2:] == ["a", "b", "b", "a", "a", "b"]  # the order rotates
-    assert all(len(t) == 3 for t in times.values())
+
+    def record(name: str):
+        return lambda: calls.append(name) or len(calls)
+
+    results = interleaved({"a": record("a"), "b": record("b")}, warmup=1, repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the order rotates every round
+    assert results == {"a": [4, 5, 8], "b": [3, 6, 7]}  # warm-up results dropped
