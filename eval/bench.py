@@ -40,7 +40,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -501,6 +501,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="default: tiny on CPU; xxs and small on CUDA")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--batch", type=int, help="training sequences per step, for every size (default: the size's)")
+    parser.add_argument("--contexts", type=int, nargs="+", help="generation prompt lengths, for every size (default: the size's)")
     parser.add_argument("--sections", nargs="+", choices=("training", "generation"), default=["training", "generation"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
@@ -531,10 +532,9 @@ def main(args: argparse.Namespace) -> int:
     }
     print(f"bench on {report['machine']['gpu'] if device.type == 'cuda' else report['machine']['cpu']}, "
           f"{dtype}, {torch.get_num_threads()} threads, load average {report['load_average_start'][0]:.2f}\n")
+    overrides = ({"batch": args.batch} if args.batch else {}) | ({"gen_contexts": tuple(args.contexts)} if args.contexts else {})
     for name in sizes:
-        size = SIZES[name]
-        if args.batch:
-            size = Size(**(asdict(size) | {"batch": args.batch}))
+        size = replace(SIZES[name], **overrides)
         result: dict = {"dims": asdict(size)}
         print(f"## {name}: {size.layers} layers, width {size.width}, {size.heads} heads, vocab {size.vocab}\n")
         if "training" in args.sections:
