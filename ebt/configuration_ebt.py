@@ -7,16 +7,156 @@ may import only the standard library, torch and transformers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
 from transformers import PreTrainedConfig
 
 UPDATE_RULES = ("probability", "logit", "mirror")
 SECOND_ORDER = ("all", "last")
 LOSS_ON = ("all", "last")
 INFERENCE_INITS = ("noise", "uniform")
+STEP_SIZE_SCHEDULES = ("constant", "linear", "cosine", "inverse_sqrt")
+SELECTIONS = ("energy", "average")
 
 
-def _invalid(field: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"EBTConfig.{field}={value!r} is invalid: {allowed}.")
+def _invalid(owner: str, field_name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{owner}.{field_name}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _setting(help: str) -> Any:
+    """A ThinkingConfig field: None means "the checkpoint's default" (its ``inference_*`` field)."""
+    return field(default=None, metadata={"help": help})
+
+
+@dataclass
+class ThinkingConfig:
+    """Every setting of thinking (inference-time energy minimisation), validated in one place.
+
+    The twin of ``transformers.GenerationConfig``: ``think()``, ``forward`` (eval mode),
+    ``generate`` (also inside a ``GenerationConfig``), the lm-eval ``ebt`` model and every
+    ``python -m eval`` command take this object or its field names (``think_<field>`` where a
+    name could clash, e.g. ``model(ids, think_steps=4)``). A field left ``None`` takes the
+    checkpoint's default, stored in ``EBTConfig.inference_<field>`` and saved with the model;
+    :meth:`resolve` fills them in.
+    """
+
+    steps: int | None = _setting("inner optimisation steps per position (0 = the starting candidate); default: the trained count")
+    step_size: float | None = _setting("step size alpha (> 0); default: the model's learned/fixed alpha")
+    step_size_schedule: str | None = _setting(
+        f"how alpha changes over the steps: {', '.join(STEP_SIZE_SCHEDULES)} (linear/cosine decay towards 0 over `steps`)"
+    )
+    samples: int | None = _setting("random starts per position (self-verification)")
+    selection: str | None = _setting(
+        "how the samples combine: 'energy' (the lowest final energy wins) or 'average' (mean of their distributions)"
+    )
+    noise: float | None = _setting("Langevin noise sigma added to the logits before each step (>= 0)")
+    temperature: float | None = _setting("Langevin temperature T (>= 0): the noise std is noise * sqrt(T)")
+    tolerance: float | None = _setting(
+        "adaptive computation: a position stops once a step lowers its energy by less than this (>= 0)"
+    )
+    accept_decrease: bool | None = _setting("undo a step that raised a position's energy and halve its step size")
+    seed: int | None = _setting("seed of the random starts and noise (keyed on absolute position: batch-invariant)")
+    init: str | None = _setting(f"starting candidates: {', '.join(INFERENCE_INITS)} (uniform = first start uniform)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation (the one place)
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, its value and what is allowed."""
+
+        def bad(name: str, allowed: str) -> ValueError:
+            return _invalid("ThinkingConfig", name, getattr(self, name), allowed)
+
+        if self.steps is not None and not (_is_int(self.steps) and self.steps >= 0):
+            raise bad("steps", "must be an integer >= 0 (or None for the checkpoint's default)")
+        if self.samples is not None and not (_is_int(self.samples) and self.samples >= 1):
+            raise bad("samples", "must be an integer >= 1")
+        if self.seed is not None and not (_is_int(self.seed) and self.seed >= 0):
+            raise bad("seed", "must be an integer >= 0")
+        if self.step_size is not None and not (_is_number(self.step_size) and self.step_size > 0):
+            raise bad("step_size", "must be a finite number > 0 (or None for the model's alpha)")
+        for name in ("noise", "temperature", "tolerance"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and value >= 0):
+                raise bad(name, "must be a finite number >= 0")
+        if self.accept_decrease is not None and not isinstance(self.accept_decrease, bool):
+            raise bad("accept_decrease", "must be true or false")
+        choices = {"step_size_schedule": STEP_SIZE_SCHEDULES, "selection": SELECTIONS, "init": INFERENCE_INITS}
+        for name, allowed in choices.items():
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise bad(name, f"allowed values are {', '.join(allowed)}")
+
+    # ------------------------------------------------------------------ building and merging
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ThinkingConfig:
+        """Build from a dict; an unknown key is an error that lists the valid ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown thinking setting(s) {unknown}; valid: {', '.join(cls.field_names())}.")
+        return cls(**values)
+
+    @classmethod
+    def from_model_config(cls, config: EBTConfig) -> ThinkingConfig:
+        """The checkpoint's defaults: its ``inference_<field>`` values."""
+        return cls(**{name: getattr(config, f"inference_{name}") for name in cls.field_names()})
+
+    def merged(self, other: ThinkingConfig | dict | None = None, **overrides: Any) -> ThinkingConfig:
+        """A copy where the non-None fields of ``other`` and then of ``overrides`` replace these."""
+        values = self.to_dict()
+        for layer in (other, overrides):
+            if layer is None:
+                continue
+            given = layer.to_dict() if isinstance(layer, ThinkingConfig) else layer
+            unknown = sorted(set(given) - set(values))
+            if unknown:
+                raise ValueError(f"unknown thinking setting(s) {unknown}; valid: {', '.join(values)}.")
+            values.update({k: v for k, v in given.items() if v is not None})
+        return ThinkingConfig(**values)
+
+    def resolve(self, config: EBTConfig) -> ThinkingConfig:
+        """Fill every unset field from the checkpoint; ``steps`` None becomes the trained count.
+
+        Only ``step_size`` may stay None afterwards (= use the model's alpha).
+        """
+        resolved = ThinkingConfig.from_model_config(config).merged(self)
+        if resolved.steps is None:
+            resolved.steps = config.max_train_steps
+        return resolved
+
+    @classmethod
+    def pop_prefixed(cls, kwargs: dict[str, Any], prefix: str = "think_") -> dict[str, Any]:
+        """Remove ``think_<field>`` keys from ``kwargs`` and return them as ``{field: value}``."""
+        return {key[len(prefix) :]: kwargs.pop(key) for key in list(kwargs) if key[len(prefix) :] in cls.field_names() and key.startswith(prefix)}
+
+    def step_size_factor(self, step: int) -> float:
+        """The schedule's multiplier of alpha at inner step ``step`` (0-based) of ``self.steps``."""
+        schedule, total = self.step_size_schedule or "constant", max(self.steps or 1, 1)
+        if schedule == "linear":
+            return 1.0 - step / total
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * step / total))
+        if schedule == "inverse_sqrt":
+            return 1.0 / math.sqrt(step + 1)
+        return 1.0
 
 
 class EBTConfig(PreTrainedConfig):
@@ -24,7 +164,7 @@ class EBTConfig(PreTrainedConfig):
 
     The inner loop refines a candidate distribution ``z`` (logits over the vocabulary) for every
     position by gradient descent on the energy. The knobs mirror the two published recipes (see
-    DESIGN.md §3): ``S1`` = 2 detached steps, alpha 500 learnable, loss on all steps; ``S2`` =
+    docs/design.md): ``S1`` = 2 detached steps, alpha 500 learnable, loss on all steps; ``S2`` =
     random 2-3 steps, alpha 5 fixed with random per-position scale, Langevin noise 3, only the
     last step second order, loss on the last step.
 
@@ -33,8 +173,11 @@ class EBTConfig(PreTrainedConfig):
         - ``logit``: ``z <- z - alpha * dE/dz`` (plain gradient descent on the logits);
         - ``mirror``: ``z <- z - alpha * dE/dp`` (exponentiated gradient on the simplex).
 
-    Inference defaults (``inference_*``) are what callers that know nothing of thinking get, such as
-    ``generate``, pipelines and evaluation harnesses; ``think()`` arguments override them.
+    The recipes are named presets in ``ebt.recipes`` (``EBTConfig(**RECIPES["s2"], ...)``).
+
+    Inference defaults (``inference_<field>``, one per ``ThinkingConfig`` field) are what callers
+    that know nothing of thinking get, such as ``generate``, pipelines and evaluation harnesses; a
+    ``ThinkingConfig`` passed to ``think()``, ``forward`` or ``generate`` overrides them.
     """
 
     model_type = "ebt"
@@ -72,18 +215,27 @@ class EBTConfig(PreTrainedConfig):
     step_embeddings: bool = True
     init_noise_scale: float = 1.0
 
-    # What thinking callers get by default.
+    # What thinking callers get by default: one ``inference_<field>`` per ThinkingConfig field.
     inference_steps: int | None = None
+    inference_step_size: float | None = None
+    inference_step_size_schedule: str = "constant"
     inference_samples: int = 1
+    inference_selection: str = "energy"
+    inference_noise: float = 0.0
+    inference_temperature: float = 1.0
     inference_tolerance: float | None = None
-    inference_init: str = "noise"
+    inference_accept_decrease: bool = False
     inference_seed: int = 0
+    inference_init: str = "noise"
 
     def __post_init__(self, **kwargs):
         self._validate_ebt()
         super().__post_init__(**kwargs)
 
     def _validate_ebt(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return _invalid("EBTConfig", name, getattr(self, name), allowed)
+
         positive_ints = (
             "vocab_size",
             "hidden_size",
@@ -92,52 +244,34 @@ class EBTConfig(PreTrainedConfig):
             "num_attention_heads",
             "max_position_embeddings",
             "train_steps",
-            "inference_samples",
         )
         for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _invalid(name, value, "must be an integer >= 1")
+            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                raise bad(name, "must be an integer >= 1")
         if self.hidden_size % self.num_attention_heads:
-            raise _invalid(
-                "hidden_size",
-                self.hidden_size,
-                f"must be divisible by num_attention_heads={self.num_attention_heads}",
-            )
+            raise bad("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
         if (self.hidden_size // self.num_attention_heads) % 2:
-            raise _invalid("hidden_size", self.hidden_size, "the head size (hidden_size / heads) must be even for RoPE")
-        choices = {
-            "update_rule": UPDATE_RULES,
-            "second_order": SECOND_ORDER,
-            "loss_on": LOSS_ON,
-            "inference_init": INFERENCE_INITS,
-        }
+            raise bad("hidden_size", "the head size (hidden_size / heads) must be even for RoPE")
+        choices = {"update_rule": UPDATE_RULES, "second_order": SECOND_ORDER, "loss_on": LOSS_ON}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise _invalid(name, getattr(self, name), f"allowed values are {', '.join(allowed)}")
-        if not self.step_size > 0:
-            raise _invalid("step_size", self.step_size, "must be > 0")
-        if not self.step_size_lr_multiplier > 0:
-            raise _invalid("step_size_lr_multiplier", self.step_size_lr_multiplier, "must be > 0")
-        if not self.step_size_random_scale >= 1:
-            raise _invalid(
-                "step_size_random_scale",
-                self.step_size_random_scale,
-                "must be >= 1 (1 = fixed; s draws alpha uniformly in [alpha/s, alpha*s])",
-            )
-        if self.train_steps_max is not None and (
-            not isinstance(self.train_steps_max, int) or self.train_steps_max < self.train_steps
-        ):
-            raise _invalid("train_steps_max", self.train_steps_max, f"must be None or an integer >= train_steps={self.train_steps}")
+                raise bad(name, f"allowed values are {', '.join(allowed)}")
+        for name in ("step_size", "step_size_lr_multiplier", "rope_theta"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "must be a finite number > 0")
         for name in ("langevin_noise", "init_noise_scale", "rms_norm_eps", "initializer_range"):
-            if not getattr(self, name) >= 0:
-                raise _invalid(name, getattr(self, name), "must be >= 0")
-        if self.inference_steps is not None and (
-            isinstance(self.inference_steps, bool) or not isinstance(self.inference_steps, int) or self.inference_steps < 1
-        ):
-            raise _invalid("inference_steps", self.inference_steps, "must be None (= the trained step count) or an integer >= 1")
-        if self.inference_tolerance is not None and not self.inference_tolerance >= 0:
-            raise _invalid("inference_tolerance", self.inference_tolerance, "must be None (off) or >= 0")
+            if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "must be a finite number >= 0")
+        if not (_is_number(self.step_size_random_scale) and self.step_size_random_scale >= 1):
+            raise bad("step_size_random_scale", "must be a finite number >= 1 (1 = fixed; s draws alpha uniformly in [alpha/s, alpha*s])")
+        if self.train_steps_max is not None and not (_is_int(self.train_steps_max) and self.train_steps_max >= self.train_steps):
+            raise bad("train_steps_max", f"must be None or an integer >= train_steps={self.train_steps}")
+        try:
+            ThinkingConfig.from_model_config(self)  # the inference defaults obey ThinkingConfig's rules
+        except ValueError as err:
+            raise ValueError(str(err).replace("ThinkingConfig.", "EBTConfig.inference_")) from None
+        if self.inference_samples is None or self.inference_seed is None:
+            raise bad("inference_samples" if self.inference_samples is None else "inference_seed", "must be set")
 
     @property
     def max_train_steps(self) -> int:
@@ -149,8 +283,17 @@ class EBTConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def default_inference_steps(self) -> int:
-        return self.inference_steps if self.inference_steps is not None else self.max_train_steps
+    def thinking_config(self) -> ThinkingConfig:
+        """The checkpoint's default thinking, every field resolved (see ``ThinkingConfig.resolve``)."""
+        return ThinkingConfig().resolve(self)
+
+    @thinking_config.setter
+    def thinking_config(self, thinking: ThinkingConfig) -> None:
+        """Make ``thinking``'s set fields the checkpoint's defaults (saved by ``save_pretrained``)."""
+        for name, value in thinking.to_dict().items():
+            if value is not None:
+                setattr(self, f"inference_{name}", value)
+        self._validate_ebt()
 
 
-__all__ = ["EBTConfig"]
+__all__ = ["EBTConfig", "ThinkingConfig"]

@@ -1,0 +1,60 @@
+"""Training recipes as named presets of ``EBTConfig`` fields: the one place each recipe is defined.
+
+Benchmarks, tests and run configs name a recipe instead of copying its knobs::
+
+    EBTConfig(**RECIPES["s2"], vocab_size=65)            # in Python
+    model: {kind: ebt, recipe: s2, ebt: {step_size: 4}}  # in a run config (train/config.py)
+
+Fields a caller gives on top of a recipe override it. docs/design.md explains each knob.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # S1, the paper's "learns fast" recipe: 2 detached steps, alpha 500 learnable with its own
+    # learning rate, loss averaged over the steps, one learned embedding per step (landscape).
+    "s1": dict(
+        update_rule="probability",
+        step_size=500.0,
+        step_size_learnable=True,
+        step_size_lr_multiplier=1500.0,
+        step_size_random_scale=1.0,
+        train_steps=2,
+        train_steps_max=None,
+        langevin_noise=0.0,
+        detach_between_steps=True,
+        second_order="all",
+        loss_on="all",
+        step_embeddings=True,
+    ),
+    # S2, the paper's "gains from thinking" recipe: random 2-3 steps, alpha 5 fixed and drawn in
+    # [alpha/2, 2 alpha] per position, Langevin noise 3 on the logits, steps not detached but only
+    # the last one second order, loss on the last step, one landscape. The paper also replays past
+    # final candidates as starts: a trainer setting (train.replay_buffer_size / replay_fraction).
+    "s2": dict(
+        update_rule="probability",
+        step_size=5.0,
+        step_size_learnable=False,
+        step_size_lr_multiplier=1500.0,
+        step_size_random_scale=2.0,
+        train_steps=2,
+        train_steps_max=3,
+        langevin_noise=3.0,
+        detach_between_steps=False,
+        second_order="last",
+        loss_on="last",
+        step_embeddings=False,
+    ),
+}
+
+
+def recipe(name: str, **overrides: Any) -> dict[str, Any]:
+    """The ``EBTConfig`` fields of recipe ``name`` with ``overrides`` applied on top."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown EBT recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}.")
+    return {**RECIPES[name], **overrides}
+
+
+__all__ = ["RECIPES", "recipe"]
