@@ -6,7 +6,7 @@ Importing the package registers the ``ebt`` model type with ``AutoConfig`` and
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_ebt import EBTConfig
+from .configuration_ebt import EBTConfig, ThinkingConfig
 from .modeling_ebt import (
     EBTCausalLMOutput,
     EBTContext,
@@ -15,6 +15,7 @@ from .modeling_ebt import (
     EBTPreTrainedModel,
     EBTThinkOutput,
 )
+from .recipes import RECIPES, recipe
 from .twin import llama_twin_config
 
 AutoConfig.register("ebt", EBTConfig, exist_ok=True)
@@ -34,5 +35,8 @@ __all__ = [
     "EBTModel",
     "EBTPreTrainedModel",
     "EBTThinkOutput",
+    "RECIPES",
+    "ThinkingConfig",
     "llama_twin_config",
+    "recipe",
 ]

@@ -35,18 +35,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-# generate() keyword -> think() keyword. They may also be set on a GenerationConfig (custom
-# entries), so a checkpoint's generation_config.json can carry its thinking defaults.
-THINK_KWARGS = {
-    "think_steps": "steps",
-    "think_samples": "samples",
-    "think_step_size": "step_size",
-    "think_noise": "noise",
-    "think_temperature": "temperature",
-    "think_tolerance": "tolerance",
-    "think_accept_decrease": "accept_decrease",
-    "think_seed": "seed",
-}
+from .configuration_ebt import ThinkingConfig
 
 # Generation options this generate() does not implement, with the value meaning "off". Anything
 # else set raises instead of being silently ignored.
@@ -111,6 +100,14 @@ def _merge_config(model_config: GenerationConfig, given: GenerationConfig | None
     return config
 
 
+def _thinking(kwargs: dict) -> ThinkingConfig:
+    """Pop ``thinking=`` and ``think_<field>`` keyword arguments into one ``ThinkingConfig``."""
+    given = kwargs.pop("thinking", None)
+    if isinstance(given, dict):
+        given = ThinkingConfig.from_dict(given)
+    return (given or ThinkingConfig()).merged(ThinkingConfig.pop_prefixed(kwargs))
+
+
 def _check_supported(config: GenerationConfig) -> None:
     bad = {k: getattr(config, k) for k, off in _UNSUPPORTED.items() if getattr(config, k, None) not in (None, off)}
     if bad:
@@ -157,20 +154,19 @@ class EBTGenerationMixin:
         ``output_scores``, ``output_logits``, ``return_dict_in_generate``) come as keyword
         arguments or in ``generation_config``; ``streamer`` gets ``put``/``end`` as in
         ``transformers``; ``stopping_criteria`` (e.g. lm-eval's stop sequences) ends a sequence
-        when it returns True for it. Thinking options: ``think_steps``, ``think_samples``,
-        ``think_step_size``, ``think_noise``, ``think_temperature`` (Langevin),
-        ``think_tolerance``, ``think_accept_decrease``, ``think_seed``; unset ones default to the
-        model config's ``inference_*`` fields.
+        when it returns True for it. Thinking: ``thinking=ThinkingConfig(...)`` and/or
+        ``think_<field>`` keyword arguments (``think_steps=4``), also accepted as entries of the
+        ``generation_config``; unset ones default to the model config's ``inference_*`` fields.
 
         Returns the sequences (B * num_return_sequences, T + new), or an ``EBTGenerateOutput``
         with per-token ``energies`` when ``return_dict_in_generate=True``.
         """
-        think = {THINK_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in THINK_KWARGS}
+        thinking = _thinking(kwargs)
         config = _merge_config(self.generation_config, generation_config, kwargs)
-        for key, name in THINK_KWARGS.items():
-            if think.get(name) is None and getattr(config, key, None) is not None:
-                think[name] = getattr(config, key)
-        think = {k: v for k, v in think.items() if v is not None}
+        # Precedence: think_* keyword arguments > ``thinking=`` > the generation config's entries
+        # (think_<field>, e.g. from a checkpoint's generation_config.json) > the model config.
+        from_config = {name: getattr(config, f"think_{name}", None) for name in ThinkingConfig.field_names()}
+        thinking = ThinkingConfig.from_dict(from_config).merged(thinking)
         _check_supported(config)
         if input_ids is None or input_ids.shape[1] == 0:
             raise ValueError("EBT generate() needs a prompt of at least one token: the model predicts after a context token.")
@@ -198,7 +194,7 @@ class EBTGenerationMixin:
             else:
                 context = self.model.encode(sequences[:, -1:], mask, past=context)  # one new token
             last = torch.tensor([context.length - 1], device=sequences.device)
-            out = self.think(context=context, query_index=last, **think)
+            out = self.think(thinking=thinking, context=context, query_index=last)
             logits = out.logits[:, 0]  # (B, V)
             warped = warpers(sequences, logits)
             if config.do_sample:

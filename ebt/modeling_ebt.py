@@ -35,7 +35,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_ebt import EBTConfig
+from .configuration_ebt import EBTConfig, ThinkingConfig
 from .generation_ebt import EBTGenerationMixin
 
 # Keyword arguments that Hugging Face callers (pipelines, harnesses, Trainer) pass to ``forward``
@@ -62,6 +62,8 @@ class EBTCausalLMOutput(ModelOutput):
         evaluation the last column is the energy of the final candidates.
     step_losses: cross-entropy after each inner step (S,), when labels are given.
     steps_taken: inner steps actually applied per position (B, L) (adaptive thinking stops early).
+    final_loss: training only: the (detached) cross-entropy of the final candidates, while
+        ``loss`` is the recipe's objective; in evaluation ``loss`` is that cross-entropy.
     """
 
     loss: torch.FloatTensor | None = None
@@ -69,6 +71,7 @@ class EBTCausalLMOutput(ModelOutput):
     energies: torch.FloatTensor | None = None
     step_losses: torch.FloatTensor | None = None
     steps_taken: torch.LongTensor | None = None
+    final_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -131,14 +134,6 @@ class EBTContext:
             positions=self.positions.repeat(n, 1),
         )
 
-    def select(self, index: torch.Tensor) -> EBTContext:
-        """Keep the batch rows in ``index`` (e.g. sequences still generating)."""
-        return EBTContext(
-            keys=[k[index] for k in self.keys],
-            values=[v[index] for v in self.values],
-            key_valid=self.key_valid[index],
-            positions=self.positions[index],
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,9 +209,9 @@ class EBTAttention(nn.Module):
         b, _, t, _ = x.shape
         return self.o_proj(x.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (B, H, T, Dh) with RoPE at ``positions`` (B, T)."""
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, H, T, Dh); ``rope`` = the (cos, sin) tables of their positions."""
+        cos, sin = rope
         q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
         k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
         return q, k, self._heads(self.v_proj(x))
@@ -227,14 +222,19 @@ class EBTAttention(nn.Module):
         return self._merge(out)
 
     def candidate(
-        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor,
     ) -> torch.Tensor:
         """Candidate stream attention.
 
-        x: (B, Lc, D) candidate states; positions: (B, Lc) their RoPE positions; keys/values:
-        (B, H, T, Dh) observed; visible: (B, 1, Lc, T) which observed keys each candidate sees.
+        x: (B, Lc, D) candidate states; rope: their (cos, sin) tables; keys/values: (B, H, T, Dh)
+        observed; visible: (B, 1, Lc, T) which observed keys each candidate sees.
         """
-        q, k, v = self.project(x, positions)
+        q, k, v = self.project(x, rope)
         scale = 1.0 / math.sqrt(self.head_dim)
         scores_obs = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (B, H, Lc, T)
         scores_obs = scores_obs.masked_fill(~visible, float("-inf"))
@@ -268,7 +268,6 @@ class EBTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["EBTDecoderLayer"]
-    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -309,6 +308,14 @@ class EBTModel(EBTPreTrainedModel):
         """
         bsz, n = input_ids.shape
         device = input_ids.device
+        vocab = self.config.vocab_size
+        if n == 0 or bsz == 0:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: give at least one sequence of at least one token.")
+        if bool((input_ids < 0).any() or (input_ids >= vocab).any()):
+            raise ValueError(
+                f"input_ids holds ids outside [0, vocab_size={vocab}) (min {int(input_ids.min())}, max "
+                f"{int(input_ids.max())}): encode the text with this checkpoint's tokenizer."
+            )
         t_past = past.length if past is not None else 0
         if t_past + n > self.config.max_position_embeddings:
             raise ValueError(
@@ -340,9 +347,10 @@ class EBTModel(EBTPreTrainedModel):
             mask = (causal & (key_valid[:, None, :] | itself))[:, None]
 
         h = self.embed_tokens(input_ids)
+        rope = rope_cos_sin(positions_new, self.config.head_dim, self.config.rope_theta, h.dtype)  # once, all layers
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.self_attn.project(layer.input_layernorm(h), positions_new)
+            q, k, v = layer.self_attn.project(layer.input_layernorm(h), rope)
             if past is not None:
                 k = torch.cat((past.keys[i], k), dim=2)
                 v = torch.cat((past.values[i], v), dim=2)
@@ -355,28 +363,51 @@ class EBTModel(EBTPreTrainedModel):
         positions = positions_new if past is None else torch.cat((past.positions, positions_new), 1)
         return EBTContext(keys=keys, values=values, key_valid=key_valid, positions=positions)
 
-    def energy(self, context: EBTContext, probs: torch.Tensor, query_index: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """Energy (B, Lc) of candidate distributions ``probs`` (B, Lc, V).
+    def energy_function(self, context: EBTContext, query_index: torch.Tensor):
+        """The energy ``E(probs, step) -> (B, Lc)`` of candidate distributions ``probs`` (B, Lc, V).
 
         Candidate c predicts the token after context index ``query_index[c]``: it sees observed
-        keys 0..query_index[c] and sits at RoPE position (that token's position + 1).
+        keys 0..query_index[c] and sits at RoPE position (that token's position + 1). What does
+        not depend on the candidates (RoPE tables, visibility mask) is built here once and reused
+        by every inner step.
         """
-        weight = self.embed_tokens.weight.t() if self.candidate_embed is None else self.candidate_embed.weight
-        h = F.linear(probs.to(weight.dtype), weight)  # (B, Lc, D)
-        if self.step_embed is not None:
-            h = h + self.step_embed.weight[min(step, self.step_embed.num_embeddings - 1)]
         positions = context.positions[:, query_index] + 1  # (B, Lc)
-        k_index = torch.arange(context.length, device=probs.device)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, context.keys[0].dtype)
+        k_index = torch.arange(context.length, device=context.key_valid.device)
         visible = (k_index[None, :] <= query_index[:, None])[None] & context.key_valid[:, None, :]
         visible = visible[:, None]  # (B, 1, Lc, T)
-        for layer, keys, values in zip(self.layers, context.keys, context.values):
-            h = h + layer.self_attn.candidate(layer.input_layernorm(h), positions, keys, values, visible)
-            h = layer.feed_forward(h)
-        return _at_least_fp32(self.energy_head(self.norm(h))[..., 0])
+        weight = self.embed_tokens.weight.t() if self.candidate_embed is None else self.candidate_embed.weight
+
+        def energy(probs: torch.Tensor, step: int = 0) -> torch.Tensor:
+            h = F.linear(probs.to(weight.dtype), weight)  # (B, Lc, D)
+            if self.step_embed is not None:
+                h = h + self.step_embed.weight[min(step, self.step_embed.num_embeddings - 1)]
+            for layer, keys, values in zip(self.layers, context.keys, context.values):
+                h = h + layer.self_attn.candidate(layer.input_layernorm(h), rope, keys, values, visible)
+                h = layer.feed_forward(h)
+            return _at_least_fp32(self.energy_head(self.norm(h))[..., 0])
+
+        return energy
+
+    def energy(self, context: EBTContext, probs: torch.Tensor, query_index: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Energies (B, Lc) of ``probs`` (B, Lc, V); one-off form of :meth:`energy_function`."""
+        return self.energy_function(context, query_index)(probs, step)
 
 
 class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
-    """EBT language model: ``forward`` trains (train mode) or thinks (eval mode)."""
+    """EBT language model.
+
+    Entry points: ``think()`` predicts (inference); ``training_loss()`` runs the config's training
+    recipe. ``forward`` follows the Hugging Face convention: in train mode it is
+    ``training_loss`` (so DDP's forward wrapper and ``Trainer``-style loops work unchanged), in
+    eval mode it thinks (``think_<field>`` keyword arguments or ``thinking=ThinkingConfig(...)``).
+    The hooks a generic training loop asks for (starting candidates, optimiser overrides,
+    replay rows, health metrics, validation variants) are methods here, next to the recipe.
+    """
+
+    # Second-order training may leave a parameter without gradient in a step (e.g. the step
+    # embedding of an unused step count); DDP must then look for unused parameters.
+    ddp_find_unused_parameters = True
 
     def __init__(self, config: EBTConfig):
         super().__init__(config)
@@ -417,6 +448,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         training: bool,
         noise: float = 0.0,
         noise_fn=None,
+        step_size_factor=None,
         targets: torch.Tensor | None = None,
         tolerance: float | None = None,
         accept_decrease: bool = False,
@@ -426,16 +458,17 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         """Refine candidate logits ``z`` (B, Lc, V) by ``steps`` gradient steps on the energy.
 
         The single implementation of thinking. ``energy_fn(p, step) -> (B, Lc)`` scores candidate
-        distributions; normally ``self.model.energy`` on a context computed once (see
-        ``_context_energy``), in the tests and benchmarks the plain doubled-sequence reference. ``training`` builds the second-order graph as the
-        config says (candidates detached between steps, or only the last step second order);
-        otherwise every step is first order and nothing returned carries a graph.
-        ``step_size`` broadcasts against (B, Lc, 1). ``targets`` (B, Lc) (-100 = ignore) gives the
-        cross-entropy after every step. ``noise_fn(step, shape)`` draws Langevin noise (seeded at
-        inference). Inference only: ``tolerance`` freezes a position once a step lowers its energy
-        by less than that; ``accept_decrease`` undoes a step that raised a position's energy and
-        halves that position's step size. Returns z, energies (B, Lc, S), step_losses,
-        steps_taken and trajectory.
+        distributions; normally ``EBTModel.energy_function`` on a context computed once, in the
+        tests and benchmarks the plain doubled-sequence reference. ``training`` builds the
+        second-order graph as the config says (candidates detached between steps, or only the last
+        step second order); otherwise every step is first order and nothing returned carries a
+        graph. ``step_size`` broadcasts against (B, Lc, 1); ``step_size_factor(i)`` scales it at
+        step i (a schedule). ``targets`` (B, Lc) (-100 = ignore) gives the cross-entropy after
+        every step. ``noise_fn(step, shape)`` draws Langevin noise (seeded at inference).
+        Inference only: ``tolerance`` freezes a position once a step lowers its energy by less
+        than that; ``accept_decrease`` undoes a step that raised a position's energy and halves
+        that position's step size. Returns z, energies (B, Lc, S), step_losses, steps_taken and
+        trajectory.
         """
         cfg = self.config
         bsz, n, _ = z.shape
@@ -466,7 +499,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                     active = active & ((energies[-1] - energy) >= tolerance)
                 last_good = (z, z_in, p, energy, grad)
             energies.append(energy)
-            z_new = (p if cfg.update_rule == "probability" else z_in) - step_size * grad
+            alpha = step_size if step_size_factor is None else step_size * step_size_factor(i)
+            z_new = (p if cfg.update_rule == "probability" else z_in) - alpha * grad
             if training:
                 z = z_new
             else:
@@ -494,63 +528,51 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             "trajectory": torch.stack(trajectory, dim=2) if keep_trajectory else None,
         }
 
-    # ---------------------------------------------------------------- starting points and noise
-    def _seeded_normal(self, positions: torch.Tensor, samples: int, seed: int, salt: int) -> torch.Tensor:
-        """Standard normal noise (samples, B, Lc, V) that depends only on (seed, salt, position).
+    # ---------------------------------------------------------------- starting points
+    def initial_logits(self, positions: torch.Tensor, thinking: ThinkingConfig) -> torch.Tensor:
+        """Starting candidates (samples * B, Lc, V) for inference at ``positions`` (B, Lc).
 
-        Keyed on the absolute position rather than drawn for the batch, so a sequence gets the
-        same starting point alone or in any batch, padded or not, and a prefix gets the same start
-        as in the full sequence: evaluation and generation are reproducible and batch-invariant.
+        Keyed on (seed, absolute position), so a sequence gets the same start alone or in any
+        batch, padded or not, and a prefix the same start as in the full sequence.
         """
-        vocab = self.config.vocab_size
-        unique, inverse = torch.unique(positions.cpu(), return_inverse=True)
-        table = torch.empty(len(unique), samples, vocab)
-        for row, pos in enumerate(unique.tolist()):
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + salt * 7_919 + pos) % (2**63 - 1))
-            table[row] = torch.randn(samples, vocab, generator=gen)
-        noise = table.to(positions.device)[inverse.to(positions.device)]  # (B, Lc, S, V)
-        return noise.permute(2, 0, 1, 3)
-
-    def initial_logits(self, positions: torch.Tensor, samples: int = 1, seed: int | None = None) -> torch.Tensor:
-        """Starting candidates (samples * B, Lc, V) for inference at ``positions`` (B, Lc)."""
-        seed = self.config.inference_seed if seed is None else seed
-        z = self._seeded_normal(positions, samples, seed, salt=0) * self.config.init_noise_scale
-        if self.config.inference_init == "uniform":
+        z = _position_normal(positions, thinking.samples, self.config.vocab_size, thinking.seed, salt=0)
+        z = z * self.config.init_noise_scale
+        if thinking.init == "uniform":
             z[0] = 0.0  # the first start is the uniform distribution, the others stay random
         return z.flatten(0, 1)
 
-    # ---------------------------------------------------------------- public API
+    def starting_candidates(self, rows: torch.Tensor, length: int, seed: int) -> torch.Tensor:
+        """Training starts (B, length, V) for the batch rows with global ids ``rows`` (B,).
+
+        Keyed on (seed, row) by the same scheme as inference, so they do not depend on how a
+        global batch is split over processes or micro-batches. A trainer passes a seed that
+        changes every optimiser step.
+        """
+        keys = [(seed, int(row)) for row in rows.tolist()]
+        noise = keyed_normal(keys, (length, self.config.vocab_size), self.alpha.device)
+        return noise * self.config.init_noise_scale
+
+    # ---------------------------------------------------------------- inference
     def think(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        thinking: ThinkingConfig | None = None,
         *,
-        steps: int | None = None,
-        step_size: float | None = None,
-        samples: int | None = None,
-        noise: float = 0.0,
-        temperature: float = 1.0,
-        tolerance: float | None = None,
-        accept_decrease: bool = False,
-        seed: int | None = None,
-        init_logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        init_logits: torch.Tensor | None = None,
         return_trajectory: bool = False,
         context: EBTContext | None = None,
         query_index: torch.Tensor | None = None,
+        **settings,
     ) -> EBTThinkOutput:
         """Predict by minimising the energy: the inference entry point.
 
-        steps: inner steps (default ``config.inference_steps`` or the trained count).
-        step_size: alpha (default: the learned/fixed ``alpha``).
-        samples: random starts; per position the lowest final energy wins (self-verification).
-        noise: Langevin noise sigma added to the logits before each step's softmax.
-        temperature: Langevin temperature T; the noise std is ``noise * sqrt(T)`` (noise variance is
-            proportional to the temperature of the sampled exp(-E/T)): T < 1 sharpens, T = 0 is plain descent.
-        tolerance: adaptive computation; a position stops once a step lowers its energy by less.
-        accept_decrease: keep a step only if it lowers the energy (else halve that position's alpha).
-        seed: fixes the random starts and noise (default ``config.inference_seed``).
-        labels: (B, L) token ids, HF convention (shifted inside); gives ``step_losses``.
+        thinking: a ``ThinkingConfig``; ``settings`` are its field names (``steps=8, samples=4``)
+            and override it; unset fields take the checkpoint's ``inference_*`` defaults.
+        labels: (B, L) token ids, HF convention (shifted inside); gives ``step_losses``
+            (one trajectory: samples == 1).
+        init_logits: (B, Lc, V) starting candidates instead of the seeded random starts.
         context/query_index: a precomputed ``EBTContext`` (e.g. a generation KV cache) and which
             of its indices to predict after; by default every position of ``input_ids``.
 
@@ -563,24 +585,12 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 "Run the model under torch.no_grad() instead (thinking enables gradients only for its inner loop)."
             )
         cfg = self.config
-        steps = cfg.default_inference_steps if steps is None else steps
-        samples = cfg.inference_samples if samples is None else samples
-        tolerance = cfg.inference_tolerance if tolerance is None else tolerance
-        seed = cfg.inference_seed if seed is None else seed
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"think(steps={steps!r}): the number of thinking steps must be an integer >= 1.")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"think(samples={samples!r}): the number of random starts must be an integer >= 1.")
-        if step_size is not None and not step_size > 0:
-            raise ValueError(f"think(step_size={step_size!r}): the step size must be > 0 (or None for the model's alpha).")
-        if noise < 0:
-            raise ValueError(f"think(noise={noise!r}): the Langevin noise sigma must be >= 0.")
-        if not temperature >= 0:
-            raise ValueError(f"think(temperature={temperature!r}): the Langevin temperature must be >= 0.")
-        if tolerance is not None and tolerance < 0:
-            raise ValueError(f"think(tolerance={tolerance!r}): the tolerance must be >= 0 (or None for off).")
+        thinking = (thinking or ThinkingConfig()).merged(settings).resolve(cfg)
+        samples = thinking.samples
         if return_trajectory and samples > 1:
             raise ValueError("think(return_trajectory=True) needs samples=1: each random start has its own trajectory.")
+        if labels is not None and samples > 1:
+            raise ValueError("think(labels=...) gives per-step losses of one trajectory: use samples=1.")
 
         with torch.no_grad():
             if context is None:
@@ -592,33 +602,29 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             bsz, n = context.batch_size, len(query_index)
             positions = context.positions[:, query_index]
             if init_logits is None:
-                z0 = self.initial_logits(positions, samples, seed)
+                z0 = self.initial_logits(positions, thinking)
             else:
                 if init_logits.shape != (bsz, n, cfg.vocab_size):
                     raise ValueError(f"init_logits has shape {tuple(init_logits.shape)}; expected {(bsz, n, cfg.vocab_size)}.")
                 z0 = init_logits.repeat(samples, 1, 1)
-            alpha = self.alpha.detach() if step_size is None else torch.tensor(float(step_size), device=z0.device)
-            targets = None
-            if labels is not None:
-                if samples > 1:
-                    raise ValueError("think(labels=...) gives per-step losses of one trajectory: use samples=1.")
-                targets = _shift_labels(labels)[:, query_index]
-            tiled = context.repeat(samples)
+            step_size = self.alpha.detach() if thinking.step_size is None else torch.tensor(thinking.step_size, device=z0.device)
+            targets = _shift_labels(labels)[:, query_index] if labels is not None else None
 
             def noise_fn(step: int, shape: torch.Size) -> torch.Tensor:
-                return self._seeded_normal(positions, samples, seed, salt=step + 1).flatten(0, 1)
+                return _position_normal(positions, samples, cfg.vocab_size, thinking.seed, salt=step + 1).flatten(0, 1)
 
             result = self._optimize(
-                self._context_energy(tiled, query_index),
+                self.model.energy_function(context.repeat(samples), query_index),
                 z0.to(_at_least_fp32(self.alpha).dtype),
-                steps=steps,
-                step_size=_at_least_fp32(alpha),
+                steps=thinking.steps,
+                step_size=_at_least_fp32(step_size),
                 training=False,
-                noise=noise * temperature**0.5,
+                noise=thinking.noise * thinking.temperature**0.5,
                 noise_fn=noise_fn,
+                step_size_factor=thinking.step_size_factor,
                 targets=targets,
-                tolerance=tolerance,
-                accept_decrease=accept_decrease,
+                tolerance=thinking.tolerance,
+                accept_decrease=thinking.accept_decrease,
                 keep_trajectory=return_trajectory,
             )
             vocab = cfg.vocab_size
@@ -626,10 +632,14 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             energies = result["energies"].view(samples, bsz, n, -1)
             taken = result["steps_taken"].view(samples, bsz, n)
             final = energies[..., -1]  # (S, B, Lc)
-            best = final.argmin(0)[None]  # (1, B, Lc): the start with the lowest final energy
-            logits = z.gather(0, best[..., None].expand(1, bsz, n, vocab))[0]
-            chosen_energies = energies.gather(0, best[..., None].expand(1, bsz, n, energies.shape[-1]))[0]
-            chosen_taken = taken.gather(0, best)[0]
+            if thinking.selection == "average":  # the mean of the samples' distributions
+                logits = torch.logsumexp(torch.log_softmax(z, dim=-1), dim=0) - math.log(samples)
+                chosen_energies, chosen_taken = energies.mean(0), taken.max(0).values
+            else:  # the start with the lowest final energy
+                best = final.argmin(0)[None]  # (1, B, Lc)
+                logits = z.gather(0, best[..., None].expand(1, bsz, n, vocab))[0]
+                chosen_energies = energies.gather(0, best[..., None].expand(1, bsz, n, energies.shape[-1]))[0]
+                chosen_taken = taken.gather(0, best)[0]
         return EBTThinkOutput(
             logits=logits,
             energies=chosen_energies,
@@ -637,15 +647,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             steps_taken=chosen_taken,
             step_losses=result["step_losses"],
             trajectory=result["trajectory"],
-            function_evaluations=samples * (2 * steps + 1),
+            function_evaluations=samples * (2 * thinking.steps + 1),
         )
-
-    def training_steps(self) -> int:
-        """The inner step count of one training batch (random in the configured range)."""
-        cfg = self.config
-        if cfg.train_steps_max is None or cfg.train_steps_max == cfg.train_steps:
-            return cfg.train_steps
-        return int(torch.randint(cfg.train_steps, cfg.train_steps_max + 1, (1,)).item())
 
     def forward(
         self,
@@ -653,68 +656,76 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         init_logits: torch.Tensor | None = None,
-        think_steps: int | None = None,
-        think_samples: int | None = None,
-        think_step_size: float | None = None,
-        think_tolerance: float | None = None,
-        seed: int | None = None,
+        thinking: ThinkingConfig | None = None,
         **kwargs,
     ) -> EBTCausalLMOutput:
-        """Train mode (with autograd on): run the training recipe. Otherwise: think.
+        """Train mode: ``training_loss``. Eval mode: think, then score ``labels`` if given.
 
         labels: HF convention (same ids as ``input_ids``, shifted inside, -100 ignored).
-        init_logits: (B, L, V) starting candidates (the S2 replay buffer); default random.
-        think_*: inference overrides (eval mode only); default to the ``config.inference_*`` fields.
+        init_logits: (B, L, V) starting candidates (the replay buffer's, in training).
+        thinking / ``think_<field>`` keyword arguments: inference settings (eval mode only).
         """
+        settings = ThinkingConfig.pop_prefixed(kwargs)
         unknown = [k for k, v in kwargs.items() if k not in _IGNORED_FORWARD_KWARGS and not (k in _NONE_ONLY_KWARGS and v is None)]
         if unknown:
             raise TypeError(f"EBTForCausalLM.forward got unsupported arguments: {sorted(unknown)}.")
-        if not (self.training and torch.is_grad_enabled()):
-            out = self.think(
-                input_ids,
-                attention_mask,
-                steps=think_steps,
-                samples=think_samples,
-                step_size=think_step_size,
-                tolerance=think_tolerance,
-                seed=seed,
-                init_logits=init_logits,
-                labels=labels if (think_samples or self.config.inference_samples) == 1 else None,
-            )
-            loss = None
-            if labels is not None:
-                loss = F.cross_entropy(
-                    _at_least_fp32(out.logits.flatten(0, 1)), _shift_labels(labels).flatten(), ignore_index=-100
+        if self.training:
+            if thinking is not None or settings:
+                raise ValueError(
+                    "Thinking settings apply in eval mode; in train mode forward runs the training recipe "
+                    "(the config's train_* fields). Call model.eval() to think."
                 )
-            return EBTCausalLMOutput(
-                loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
-            )
+            return self.training_loss(input_ids, attention_mask, labels, init_logits)
 
-        return self._training_step(input_ids, attention_mask, labels, init_logits)
+        thinking = (thinking or ThinkingConfig()).merged(settings)
+        one_trajectory = thinking.resolve(self.config).samples == 1
+        out = self.think(
+            input_ids, attention_mask, thinking, init_logits=init_logits, labels=labels if one_trajectory else None
+        )
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), _shift_labels(labels).flatten(), ignore_index=-100)
+        return EBTCausalLMOutput(
+            loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
+        )
 
-    def _context_energy(self, context: EBTContext, query_index: torch.Tensor):
-        """The energy function of the inner loop: candidate stream over a context computed once."""
-        return lambda probs, step: self.model.energy(context, probs, query_index, step=step)
+    # ---------------------------------------------------------------- training
+    def training_steps(self) -> int:
+        """The inner step count of one training batch (random in the configured range)."""
+        cfg = self.config
+        if cfg.train_steps_max is None or cfg.train_steps_max == cfg.train_steps:
+            return cfg.train_steps
+        return int(torch.randint(cfg.train_steps, cfg.train_steps_max + 1, (1,)).item())
 
-    def _training_step(
+    def training_loss(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        init_logits: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        init_logits: torch.Tensor | None = None,
         energy_fn=None,
     ) -> EBTCausalLMOutput:
-        """The training recipe of the config (DESIGN.md §3) on one batch.
+        """The config's training recipe on one batch (docs/design.md): the training entry point.
 
+        ``loss`` is the recipe's objective (what to back-propagate: the mean over steps for
+        ``loss_on="all"``); ``final_loss`` the cross-entropy of the final candidates, the
+        quantity evaluation reports. Without ``init_logits`` the starts come from
+        ``starting_candidates`` with a seed drawn from torch's global generator.
         ``energy_fn`` replaces the cached-context energy (the plain reference uses it).
         """
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "EBT training needs autograd (the inner loop differentiates the energy), but gradients are "
+                "disabled. To evaluate, call model.eval() and the forward thinks; to train, leave torch.no_grad()."
+            )
         cfg = self.config
         bsz, length = input_ids.shape
         if energy_fn is None:
             context = self.model.encode(input_ids, attention_mask)
-            energy_fn = self._context_energy(context, torch.arange(length, device=input_ids.device))
+            energy_fn = self.model.energy_function(context, torch.arange(length, device=input_ids.device))
         if init_logits is None:
-            init_logits = torch.randn(bsz, length, cfg.vocab_size, device=input_ids.device) * cfg.init_noise_scale
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            init_logits = self.starting_candidates(torch.arange(bsz), length, seed)
         step_size = self.alpha
         if cfg.step_size_random_scale > 1:
             s = cfg.step_size_random_scale
@@ -732,17 +743,60 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             targets=targets,
             final_energy=False,
         )
-        loss = None
-        if targets is not None:
-            losses = result["step_losses"]
-            loss = losses.mean() if cfg.loss_on == "all" else losses[-1]
+        losses = result["step_losses"]
         return EBTCausalLMOutput(
-            loss=loss,
+            loss=None if losses is None else (losses.mean() if cfg.loss_on == "all" else losses[-1]),
+            final_loss=None if losses is None else losses[-1].detach(),
             logits=result["z"],
             energies=result["energies"].detach(),
-            step_losses=result["step_losses"].detach() if result["step_losses"] is not None else None,
+            step_losses=None if losses is None else losses.detach(),
             steps_taken=result["steps_taken"],
         )
+
+    # Hooks of a generic training loop (train/hooks.py gives every causal LM defaults).
+    def optimizer_overrides(self) -> dict[str, dict[str, float]]:
+        """Per-parameter optimiser settings: alpha learns at lr x step_size_lr_multiplier, no decay."""
+        if not self.alpha.requires_grad:
+            return {}
+        return {"alpha": {"lr_scale": self.config.step_size_lr_multiplier, "weight_decay": 0.0}}
+
+    def replay_rows(self, batch: dict[str, torch.Tensor], output: EBTCausalLMOutput) -> dict[str, torch.Tensor]:
+        """Rows for a replay buffer: the final candidates become later starts of their own sequences."""
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "init_logits": output.logits.detach()}
+
+    def training_metrics(self, outputs: list[EBTCausalLMOutput]) -> dict[str, float]:
+        """Inner-loop health over a step's micro-batches: alpha, energy drop along the steps, loss per step."""
+        metrics = {"alpha": float(self.alpha.detach())}
+        metrics["energy_drop"] = sum(float((o.energies[..., 0] - o.energies[..., -1]).mean()) for o in outputs) / len(outputs)
+        if outputs[-1].step_losses is not None:
+            metrics.update({f"step_loss_{i + 1}": float(v) for i, v in enumerate(outputs[-1].step_losses)})
+        return metrics
+
+    def validation_variants(self, think_steps: list[int]) -> dict[str, dict]:
+        """Extra validation passes: the default thinking, and ``think_steps`` steps each (suffix -> forward kwargs)."""
+        return {"": {}, **{f"_think{k}": {"thinking": ThinkingConfig(steps=k)} for k in think_steps}}
+
+
+def keyed_normal(keys: list[tuple[int, ...]], shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """Standard normal draws (len(keys), *shape), each from a generator seeded by its key alone.
+
+    The model's one seeding scheme for starting candidates and inference noise: a draw depends on
+    its key (seed, ..., row or position) and on nothing else in the batch.
+    """
+    out = torch.empty(len(keys), *shape, device=device)
+    for i, key in enumerate(keys):
+        seed = 0
+        for part in key:
+            seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+        out[i] = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    return out
+
+
+def _position_normal(positions: torch.Tensor, samples: int, vocab: int, seed: int, salt: int) -> torch.Tensor:
+    """Noise (samples, B, Lc, V) keyed on (seed, salt, absolute position): batch- and prefix-invariant."""
+    unique, inverse = torch.unique(positions, return_inverse=True)
+    table = keyed_normal([(seed, salt, pos) for pos in unique.tolist()], (samples, vocab), positions.device)
+    return table[inverse].permute(2, 0, 1, 3)  # (U, S, V)[(B, Lc)] -> (B, Lc, S, V) -> (S, B, Lc, V)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,6 @@ def plain_forward(
     init_logits: torch.Tensor | None = None,
 ) -> EBTCausalLMOutput:
     """The training step of ``model(input_ids, labels=...)`` (train mode), the plain way."""
-    return model._training_step(
+    return model.training_loss(
         input_ids, None, labels, init_logits, energy_fn=lambda probs, step: plain_energy(model, input_ids, probs, step)
     )

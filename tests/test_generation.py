@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig, TextStreamer
 
 from ebt import EBTConfig, EBTForCausalLM
-from ebt.tokenizer import char_tokenizer
+from train.tokenizer import char_tokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 # (generate kwargs, the same settings as think() kwargs)
@@ -197,10 +197,12 @@ def test_generation_config_and_kwargs(model):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"think_steps": 0}, ValueError, "steps"),
-        ({"think_samples": 0}, ValueError, "random starts"),
-        ({"think_step_size": -1.0}, ValueError, "step size"),
-        ({"think_temperature": -1.0}, ValueError, "temperature"),
+        ({"think_steps": -1}, ValueError, "ThinkingConfig.steps"),
+        ({"think_samples": 0}, ValueError, "ThinkingConfig.samples"),
+        ({"think_step_size": -1.0}, ValueError, "ThinkingConfig.step_size"),
+        ({"think_temperature": -1.0}, ValueError, "ThinkingConfig.temperature"),
+        ({"think_noise": float("inf")}, ValueError, "ThinkingConfig.noise"),
+        ({"thinking": {"stepz": 1}}, ValueError, "unknown thinking setting"),
         ({"num_beams": 2}, ValueError, "does not support"),
         ({"max_new_tokens": 90}, ValueError, "exceeds the model's context"),
         ({"not_an_option": 1}, TypeError, "not_an_option"),

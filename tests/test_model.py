@@ -11,26 +11,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from ebt import RECIPES as PRESETS
 from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
 from ebt.reference import doubled_mask, plain_energy, plain_forward
 
 RECIPES = {
-    # S1: 2 detached steps, alpha learnable, loss on all steps, step embeddings.
-    "S1": dict(update_rule="probability", step_size=500.0, train_steps=2, detach_between_steps=True, loss_on="all"),
-    # S2: random 2-3 steps, random alpha scale, Langevin noise, only the last step second order.
-    "S2": dict(
-        update_rule="probability",
-        step_size=5.0,
-        step_size_learnable=False,
-        train_steps=2,
-        train_steps_max=3,
-        step_size_random_scale=2.0,
-        langevin_noise=3.0,
-        detach_between_steps=False,
-        second_order="last",
-        loss_on="last",
-        step_embeddings=False,
-    ),
+    "S1": PRESETS["s1"],
+    "S2": PRESETS["s2"],
     "logit": dict(update_rule="logit", step_size=1.0, train_steps=2, detach_between_steps=False),
     "mirror": dict(update_rule="mirror", step_size=5.0, train_steps=3, detach_between_steps=False, second_order="last"),
 }
@@ -211,57 +198,6 @@ def test_no_grad_callers_get_thinking_without_a_graph(tiny_config):
         model(ids)
 
 
-def test_thinking_is_reproducible_by_seed(tiny_config):
-    model = _model(tiny_config()).eval()
-    ids = torch.randint(0, 11, (2, 6))
-    a = model.think(ids, steps=2, seed=3).logits
-    b = model.think(ids, steps=2, seed=3).logits
-    c = model.think(ids, steps=2, seed=4).logits
-    assert torch.equal(a, b) and not torch.allclose(a, c)
-    uniform = _model(tiny_config(inference_init="uniform")).eval()
-    assert torch.equal(uniform.think(ids, seed=3).logits, uniform.think(ids, seed=9).logits)
-
-
-def test_self_verification_keeps_lowest_final_energy(tiny_config):
-    model = _model(tiny_config()).eval()
-    ids = torch.randint(0, 11, (2, 6))
-    out = model.think(ids, steps=2, samples=4)
-    assert out.sample_energies.shape == (4, 2, 6)
-    torch.testing.assert_close(out.energies[..., -1], out.sample_energies.min(0).values)
-    assert out.function_evaluations == 4 * (2 * 2 + 1)
-
-
-def test_accept_decrease_and_tolerance(tiny_config):
-    model = _model(tiny_config(step_size=50.0)).eval()
-    ids = torch.randint(0, 11, (2, 6))
-    kept = model.think(ids, steps=6, accept_decrease=True)
-    assert (kept.energies[..., 1:] <= kept.energies[..., :-1] + 1e-6).all()
-    adaptive = model.think(ids, steps=6, tolerance=1e9)  # any step "falls by less": stop after one
-    assert (adaptive.steps_taken == 1).all()
-    assert (model.think(ids, steps=6).steps_taken == 6).all()
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(steps=0), "steps"),
-        (dict(samples=0), "samples"),
-        (dict(step_size=-1.0), "step size"),
-        (dict(noise=-1.0), "noise"),
-    ],
-)
-def test_invalid_thinking_settings(tiny_config, kwargs, message):
-    model = _model(tiny_config()).eval()
-    with pytest.raises(ValueError, match=message):
-        model.think(torch.zeros(1, 3, dtype=torch.long), **kwargs)
-
-
-def test_context_too_long_is_a_clear_error(tiny_config):
-    model = _model(tiny_config(max_position_embeddings=8)).eval()
-    with pytest.raises(ValueError, match="max_position_embeddings=8"):
-        model.think(torch.zeros(1, 9, dtype=torch.long))
-
-
 def test_unknown_forward_argument_is_rejected(tiny_config):
     model = _model(tiny_config())
     with pytest.raises(TypeError, match="labelz"):
@@ -388,4 +324,12 @@ def test_tiny_model_learns_and_thinking_lowers_energy(tiny_config):
     uniform_loss = torch.log(torch.tensor(float(cfg.vocab_size)))
     assert out.loss < 0.25 * uniform_loss, f"held-out loss {out.loss:.3f} vs uniform {uniform_loss:.3f}"
     mean_energy = out.energies[:, :-1].mean(dim=(0, 1))  # per step (last position has no target)
-    assert (mean_energy[1:] < mean_energy[:-1]).all(), mean_energy
+    # Thinking lowers the energy: the drop from the start to the final candidates is large
+    # (about 0.1 when measured), and no step raises the mean energy by more than float32 noise.
+    # The probability rule converges to a fixed point within the trained 2 steps, so the last
+    # two entries can be equal up to rounding: a strict "<" between them would test noise.
+    # Rounding bound: a mean over 32 x 11 positions of energies computed in float32 through a
+    # few hundred accumulations each: well under 1e-4 of the energy scale.
+    scale = float(mean_energy.abs().max())
+    assert mean_energy[0] - mean_energy[-1] > 0.1 * scale, mean_energy
+    assert (mean_energy[1:] <= mean_energy[:-1] + 1e-4 * scale).all(), mean_energy

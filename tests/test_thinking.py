@@ -15,9 +15,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 from transformers import LlamaForCausalLM
 
-from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
-from ebt.tokenizer import char_tokenizer
-from ebt.uncertainty import auroc, pearson, score_tokens, spearman
+from ebt import EBTConfig, EBTForCausalLM, ThinkingConfig, llama_twin_config
+from train.tokenizer import char_tokenizer
+from eval.uncertainty import auroc, pearson, score_tokens, spearman
 from eval.__main__ import main as eval_main
 from eval.metrics import load as load_metric
 
@@ -54,7 +54,7 @@ def test_self_verification_keeps_the_lowest_final_energy_per_position(model):
     ids = _ids()
     best = model.think(ids, steps=3, samples=4)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    starts = model.initial_logits(positions, samples=4).view(4, *ids.shape, -1)
+    starts = model.initial_logits(positions, ThinkingConfig(samples=4).resolve(model.config)).view(4, *ids.shape, -1)
     alone = [model.think(ids, steps=3, init_logits=starts[s]) for s in range(4)]
     finals = torch.stack([a.energies[..., -1] for a in alone])  # (S, B, L)
     torch.testing.assert_close(best.sample_energies, finals)
@@ -115,19 +115,76 @@ def test_starts_are_batch_and_prefix_invariant(model):
     torch.testing.assert_close(row.logits[0], full.logits[1, :9])
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"steps": 0}, "steps"),
-        ({"samples": 0}, "random starts"),
-        ({"step_size": -1.0}, "step size"),
-        ({"noise": -1.0}, "noise"),
-        ({"temperature": -0.5}, "temperature"),
-    ],
-)
-def test_invalid_thinking_settings_fail_clearly(model, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        model.think(_ids(), **kwargs)
+def test_thinking_is_reproducible_by_seed(model):
+    a, b = model.think(_ids(), steps=2, seed=3).logits, model.think(_ids(), steps=2, seed=3).logits
+    assert torch.equal(a, b) and not torch.allclose(a, model.think(_ids(), steps=2, seed=4).logits)
+    uniform = ThinkingConfig(steps=2, init="uniform", samples=1)  # no randomness left: the seed is moot
+    assert torch.equal(model.think(_ids(), thinking=uniform, seed=3).logits, model.think(_ids(), thinking=uniform, seed=9).logits)
+
+
+def test_zero_steps_return_the_starting_candidates(model):
+    ids = _ids()
+    out = model.think(ids, steps=0)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    start = model.initial_logits(positions, ThinkingConfig(steps=0).resolve(model.config)).view(*ids.shape, -1)
+    assert torch.equal(out.logits, start) and out.energies.shape[-1] == 1 and out.function_evaluations == 1
+
+
+def test_step_size_schedule_scales_each_step(model):
+    """'linear' over 2 steps multiplies alpha by 1, then 1/2: the second step, done by hand, matches."""
+    ids = _ids()
+    length = ids.shape[1]
+    scheduled = model.think(ids, steps=2, step_size=8.0, step_size_schedule="linear")
+    z1 = model.think(ids, steps=1, step_size=8.0).logits  # the first step is unscaled
+    p = torch.softmax(z1, -1).requires_grad_()
+    with torch.enable_grad():
+        energy = model.model.energy(model.model.encode(ids), p, torch.arange(length), step=1)
+        (grad,) = torch.autograd.grad(energy.sum(), p)
+    torch.testing.assert_close(scheduled.logits, p.detach() - 4.0 * grad)  # probability rule, alpha 8 x 1/2
+    assert ThinkingConfig(steps=4, step_size_schedule="cosine").step_size_factor(0) == 1.0
+    assert ThinkingConfig(steps=4, step_size_schedule="inverse_sqrt").step_size_factor(3) == 0.5
+
+
+def test_average_selection_is_the_mean_of_the_samples_distributions(model):
+    ids = _ids()
+    avg = model.think(ids, steps=2, samples=3, selection="average")
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = model.initial_logits(positions, ThinkingConfig(samples=3).resolve(model.config)).view(3, *ids.shape, -1)
+    probs = torch.stack([torch.softmax(model.think(ids, steps=2, init_logits=starts[s]).logits, -1) for s in range(3)])
+    torch.testing.assert_close(torch.softmax(avg.logits, -1), probs.mean(0))
+
+
+def test_one_thinking_config_through_think_and_forward(model):
+    thinking = ThinkingConfig(steps=3, samples=2, noise=0.5, seed=5, step_size_schedule="cosine")
+    ids = _ids()
+    thought = model.think(ids, thinking=thinking)
+    assert torch.equal(model(ids, thinking=thinking).logits, thought.logits)
+    spelled = model(ids, think_steps=3, think_samples=2, think_noise=0.5, think_seed=5, think_step_size_schedule="cosine")
+    assert torch.equal(spelled.logits, thought.logits)
+
+
+def test_invalid_inputs_fail_clearly(model):
+    with pytest.raises(ValueError, match="outside"):
+        model.think(torch.tensor([[0, 1, model.config.vocab_size]]))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.think(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="ThinkingConfig.step_size"):
+        model.think(_ids(), step_size=float("inf"))
+    with pytest.raises(ValueError, match="ThinkingConfig.tolerance"):
+        model(_ids(), think_tolerance=float("nan"))
+    with pytest.raises(ValueError, match="unknown thinking setting"):
+        model.think(_ids(), stepz=2)
+
+
+def test_train_mode_under_no_grad_is_an_error_not_thinking(model):
+    model.train()
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="needs autograd"):
+            model(_ids(), labels=_ids())
+        with pytest.raises(ValueError, match="eval mode"):
+            model(_ids(), labels=_ids(), think_steps=2)
+    finally:
+        model.eval()
 
 
 def test_a_prompt_longer_than_the_context_fails_clearly(model):
