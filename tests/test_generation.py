@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import GenerationConfig, TextStreamer
 
-from ebt import EBTConfig, EBTForCausalLM
+from conftest import tiny_ebt_config
+from ebt import EBTForCausalLM
 from train.tokenizer import char_tokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
@@ -41,15 +42,8 @@ def tokenizer():
 def model(tokenizer) -> EBTForCausalLM:
     """Random weights with a wide init: its greedy continuations vary (the default init repeats one token)."""
     torch.manual_seed(0)
-    config = EBTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=96,
-        step_size=5.0,
-        initializer_range=0.5,
+    config = tiny_ebt_config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, max_position_embeddings=96, initializer_range=0.5
     )
     return EBTForCausalLM(config).eval()
 
@@ -255,8 +249,7 @@ def test_stopping_criteria_end_each_sequence_on_its_own():
             return input_ids.shape[1] >= self.lengths
 
     torch.manual_seed(0)
-    model = EBTForCausalLM(EBTConfig(vocab_size=11, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, max_position_embeddings=32)).eval()
+    model = EBTForCausalLM(tiny_ebt_config(intermediate_size=16, num_hidden_layers=1, step_size=500.0)).eval()
     prompt = torch.randint(1, 11, (2, 3))
     free = model.generate(prompt, max_new_tokens=8, pad_token_id=0)
     stopped = model.generate(prompt, max_new_tokens=8, pad_token_id=0,

@@ -15,13 +15,13 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 from transformers import LlamaForCausalLM
 
-from ebt import EBTConfig, EBTForCausalLM, ThinkingConfig, llama_twin_config
+from ebt import RECIPES, EBTForCausalLM, ThinkingConfig, llama_twin_config
 from train.tokenizer import char_tokenizer
 from eval.uncertainty import auroc, pearson, score_tokens, spearman
 from eval.__main__ import main as eval_main
 from eval.metrics import load as load_metric
 
-from conftest import shared_data_file
+from conftest import shared_data_file, tiny_ebt_config
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 
@@ -30,16 +30,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 def model() -> EBTForCausalLM:
     """float64: these tests compare trajectories, which float32 rounding can tip at near-ties."""
     torch.manual_seed(0)
-    config = EBTConfig(
-        vocab_size=len(ALPHABET) + 2,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        step_size=5.0,
-        initializer_range=0.5,
-    )
+    config = tiny_ebt_config(vocab_size=len(ALPHABET) + 2, hidden_size=32, intermediate_size=32, initializer_range=0.5)
     return EBTForCausalLM(config).double().eval()
 
 
@@ -228,9 +219,8 @@ def test_energy_predicts_loss_on_held_out_text_after_training():
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     cut, length = int(len(ids) * 0.9), 32
     torch.manual_seed(0)
-    config = EBTConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=length, update_rule="probability", step_size=500.0, train_steps=2,
+    config = tiny_ebt_config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, max_position_embeddings=length, **RECIPES["s1"]
     )
     model = EBTForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
