@@ -5,8 +5,8 @@ import json
 import datasets
 import pytest
 
-from ebt import data as D
-from ebt.tokenizer import char_tokenizer
+from train import data as D
+from train.tokenizer import char_tokenizer
 
 DOCS = ["the cat sat on the mat", "a dog barked twice", "birds sing at dawn", "rain fell all night long"]
 
@@ -51,8 +51,13 @@ def test_local_formats_with_configurable_column(tmp_path, fmt):
     else:
         column = "body"
         datasets.Dataset.from_dict({column: DOCS, "id": list(range(4))}).to_pandas().pipe(
-            lambda df: df.to_json(path, orient="records", lines=True) if fmt == "jsonl"
-            else df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
+            lambda df: (
+                df.to_json(path, orient="records", lines=True)
+                if fmt == "jsonl"
+                else df.to_csv(path, index=False)
+                if fmt == "csv"
+                else df.to_parquet(path)
+            )
         )
         ds = D.load_source(str(path))
     assert list(D.iter_texts(ds, [column])) == DOCS
@@ -101,3 +106,17 @@ def test_bad_sources_fail_clearly(tmp_path):
     ds = datasets.Dataset.from_dict({"body": DOCS})
     with pytest.raises(ValueError, match="not in the data"):
         D.tokenize(ds, char_tokenizer(DOCS), text_column="text")
+
+
+def test_data_section_to_blocks_holds_out_the_tail_of_a_text_file(tmp_path, tok):
+    from train.config import DataConfig
+
+    path = tmp_path / "a.txt"
+    path.write_text(" ".join(DOCS) * 20)
+    cfg = DataConfig(source=str(path), block_size=8, val_fraction=0.1)
+    raw = D.read_split(cfg, "train", seed=0)
+    assert "".join(D.texts(cfg, raw)) == path.read_text()
+    blocks = D.build_blocks(cfg, tok, raw, seed=0)
+    whole = D.pack(D.tokenize(raw, tok), 8)["input_ids"]
+    assert list(blocks.train["input_ids"]) + [row.tolist() for row in blocks.val["input_ids"]] == list(whole)
+    assert len(blocks.val) == round(len(whole) * 0.1)

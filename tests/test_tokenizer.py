@@ -4,7 +4,8 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from ebt.tokenizer import char_tokenizer, sentencepiece_tokenizer, take_chars
+from train.config import TokenizerConfig
+from train.tokenizer import build_tokenizer, char_tokenizer, load_tokenizer, sentencepiece_tokenizer, take_chars
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.  1234\n" * 40
 
@@ -35,10 +36,24 @@ def test_sentencepiece_matches_sentencepiece_and_reloads(tmp_path, model_type):
     assert tok.decode(ids) == sample
     # Parity with the sentencepiece library itself, trained identically.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([ln for ln in TEXT.splitlines() if ln.strip()]), model_prefix=str(tmp_path / "ref"),
-        vocab_size=400, model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="<eos>", num_threads=1, minloglevel=2,
+        sentence_iterator=iter([ln for ln in TEXT.splitlines() if ln.strip()]),
+        model_prefix=str(tmp_path / "ref"),
+        vocab_size=400,
+        model_type=model_type,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="<eos>",
+        num_threads=1,
+        minloglevel=2,
     )
     ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "ref.model"))
     assert ids == ref.encode(sample)
@@ -55,3 +70,12 @@ def test_empty_text_is_refused():
 
 def test_take_chars_caps_the_corpus():
     assert "".join(take_chars(["abc", "defg", "hij"], 5)) == "abcde"
+
+
+def test_build_from_the_tokenizer_section_reads_at_most_train_chars(tmp_path):
+    tok = build_tokenizer(TokenizerConfig(kind="char", train_chars=5), iter(["abc", "defg", "hij"]))
+    assert set(tok.get_vocab()) == {"<unk>", "<eos>", *"abcde"}
+    tok.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="unreadable"):
+        load_tokenizer(tmp_path / "missing")

@@ -10,14 +10,15 @@ absolute 1e-4 on weights (float32 reductions in a different order; measured diff
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from test_train import REPO, TINY, metrics, tiny
 from train import loop
 from train.checkpoint import checkpoints
 
+REPO = Path(__file__).resolve().parents[1]
 RUN = ["train.max_steps=4", "checkpoint.every=2", "eval.every=4"]
 
 
@@ -27,19 +28,29 @@ def _weights(out):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, train_overrides, tiny_run, run_metrics):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = ["torchrun", "--nproc_per_node", "2", "-m", "train", f"output_dir={two}", *TINY, *RUN, "train.micro_batch_size=2"]
+    cmd = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "train",
+        f"output_dir={two}",
+        *train_overrides,
+        *RUN,
+        "train.micro_batch_size=2",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     one = tmp_path / "one"
-    loop.Trainer(tiny(one, *RUN, "train.micro_batch_size=4")).run()  # one micro-batch of 4 rows
+    loop.Trainer(tiny_run(one, *RUN, "train.micro_batch_size=4")).run()  # one micro-batch of 4 rows
 
-    got, want = metrics(two), metrics(one)
+    got, want = run_metrics(two), run_metrics(one)
     assert '"world_size": 2' in (checkpoints(two / "checkpoints")[-1] / "trainer_state.json").read_text()
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]  # same global batch
-    for key in ("loss", "grad_norm", "val/loss"):
+    for key in ("loss", "objective", "grad_norm", "val/loss"):
         a = [r[key] for r in got if key in r]
         b = [r[key] for r in want if key in r]
         assert a and a == pytest.approx(b, rel=1e-4), key

@@ -9,44 +9,50 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import REPO, TINY, metrics, tiny
 from train import loop
 
+REPO = Path(__file__).resolve().parents[1]
 S2 = [
-    "model.ebt.step_size=5.0", "model.ebt.step_size_learnable=false", "model.ebt.step_size_random_scale=2.0",
-    "model.ebt.train_steps_max=3", "model.ebt.langevin_noise=3.0", "model.ebt.detach_between_steps=false",
-    "model.ebt.second_order=last", "model.ebt.loss_on=last", "model.ebt.step_embeddings=false",
-    "train.replay_buffer_size=8", "train.max_steps=16", "checkpoint.every=6", "eval.every=6", "eval.max_blocks=4",
-]
+    "model.recipe=s2", "train.replay_buffer_size=8", "train.max_steps=16", "checkpoint.every=6", "eval.every=6",
+    "eval.max_blocks=4",
+]  # fmt: skip
 
 
-def _launch(out):
+def _launch(out, overrides):
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same arithmetic as in-process
-    return subprocess.Popen([sys.executable, "-m", "train", f"output_dir={out}", *TINY, *S2], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", f"output_dir={out}", *overrides, *S2],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path):
+def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path, train_overrides, tiny_run, run_metrics):
     out = tmp_path / "killed"
-    proc = _launch(out)
+    proc = _launch(out, train_overrides)
     log = out / "metrics.jsonl"
     while proc.poll() is None:  # kill once step 8 is logged: checkpoint 6 exists, steps 7-8 are lost
-        if log.exists() and any(r["step"] >= 8 for r in metrics(out)):
+        if log.exists() and any(r["step"] >= 8 for r in run_metrics(out)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, proc.stderr.read()
     assert not (out / "final").exists()
-    resumed = _launch(out)
+    resumed = _launch(out, train_overrides)
     assert resumed.wait() == 0, resumed.stderr.read()
 
-    reference = loop.Trainer(tiny(tmp_path / "ref", *S2)).run()
-    got, want = metrics(out), metrics(tmp_path / "ref")
+    reference = loop.Trainer(tiny_run(tmp_path / "ref", *S2)).run()
+    got, want = run_metrics(out), run_metrics(tmp_path / "ref")
     assert [r["step"] for r in got] == list(range(1, 17))  # lines after the checkpoint were dropped
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # exact, not approximate
+    assert [r["objective"] for r in got] == [r["objective"] for r in want]
     assert got[-1]["val/loss"] == reference["val/loss"]

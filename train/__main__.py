@@ -9,8 +9,9 @@ import sys
 
 USAGE = """usage: python -m train [CONFIG.yaml] [section.key=value ...]
 
-Trains an EBT (model.kind=ebt) or its Transformer++ twin (model.kind=llama). With no arguments:
-a tiny EBT on the embedded reasoning tasks (no files, no network), written to runs/default/.
+Trains an EBT (model.kind=ebt, a recipe: model.recipe=s1|s2) or its Transformer++ twin (model.kind=llama).
+With no arguments: a tiny EBT on the embedded reasoning tasks (no files, no network), written to
+runs/default/. Re-running a command resumes its run (or says it is finished).
 Values are YAML: train.max_steps=100  train.lr=1e-3  eval.think_steps=[1,2,8]  data.val_split=null
 Multi-process: accelerate launch [--config_file configs/accelerate/multi_gpu.yaml] -m train ...
 

@@ -63,9 +63,7 @@ def prepare_output(out: Path, cfg: RunConfig) -> Path | None:
     if saved.exists():
         old = flat(yaml.safe_load(saved.read_text()))
         new = flat(to_dict(cfg))
-        diff = sorted(
-            k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
-        )
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
             raise CheckpointError(
@@ -88,6 +86,19 @@ def prepare_output(out: Path, cfg: RunConfig) -> Path | None:
     return path
 
 
+def is_finished(out: Path, checkpoint: Path, max_steps: int) -> bool:
+    """True when ``checkpoint`` is the run's last step and the run was exported (``OUTPUT/final``).
+
+    A run killed between its last checkpoint and the export is not finished: resuming it evaluates
+    and exports without training. An unreadable checkpoint is left to :func:`load` to report.
+    """
+    try:
+        step = json.loads((checkpoint / STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return step >= max_steps and (out / "final").is_dir()
+
+
 def write_run_config(out: Path, cfg: RunConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "run_config.yaml").exists():
@@ -106,7 +117,13 @@ def discard_fresh_run(out: Path, created: bool) -> None:
 
 
 def save(
-    accelerator: Accelerator, root: Path, step: int, state: dict, process_state: dict, replay: ReplayBuffer | None, keep_last: int
+    accelerator: Accelerator,
+    root: Path,
+    step: int,
+    state: dict,
+    process_state: dict,
+    replay: ReplayBuffer | None,
+    keep_last: int,
 ) -> Path:
     """Save everything needed to continue exactly (all processes call this)."""
     final = root / f"{PREFIX}{step:08d}"
@@ -162,6 +179,5 @@ def load(accelerator: Accelerator, path: Path, replay: ReplayBuffer | None) -> t
 
 def _advice(path: Path) -> str:
     return (
-        f"resume an older one with checkpoint.resume=PATH (see {path.parent}), or move this one away; "
-        f"nothing was overwritten"
+        f"resume an older one with checkpoint.resume=PATH (see {path.parent}), or move this one away; nothing was overwritten"
     )

@@ -8,6 +8,7 @@ instead of being silently ignored half-way through a long run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ebt.configuration_ebt import EBTConfig
+from ebt.recipes import RECIPES
+from ebt.recipes import recipe as recipe_fields
 
 
 class ConfigError(ValueError):
@@ -28,15 +33,60 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+# Filled in from the tokenizer when the model is built, never from the run config.
+FROM_TOKENIZER = ("vocab_size", "eos_token_id", "pad_token_id", "bos_token_id")
+PLACEHOLDER_VOCAB = 2  # load-time validation builds the EBTConfig with this vocabulary, then discards it
+
+
+def _ebt_default(name: str) -> Any:
+    """EBTConfig's own default of a field: the one source of model defaults."""
+    return {f.name: f.default for f in dataclasses.fields(EBTConfig)}[name]
+
+
+def ebt_keys() -> list[str]:
+    """The EBTConfig fields ``model.ebt`` may set (its own fields minus sizes and tokenizer-given ones)."""
+    return [k for k in inspect.get_annotations(EBTConfig) if k not in SIZES and k not in FROM_TOKENIZER]
+
+
 @dataclass
 class ModelConfig:
     kind: str = _f("ebt", "'ebt' (energy-based transformer) or 'llama' (its Transformer++ twin: same sizes)")
-    hidden_size: int = _f(128, "model width")
-    intermediate_size: int = _f(128, "SwiGLU hidden width (the paper uses = hidden_size)")
-    num_hidden_layers: int = _f(4, "number of transformer blocks")
-    num_attention_heads: int = _f(4, "attention heads")
-    max_position_embeddings: int = _f(64, "longest context the model supports; must be >= data.block_size")
-    ebt: dict = _f({}, "any other EBTConfig field, e.g. {update_rule: probability, step_size: 500.0, train_steps: 2}")
+    recipe: str | None = _f(
+        None, f"EBT training recipe preset from ebt.recipes ({', '.join(RECIPES)}); None: EBTConfig's defaults"
+    )
+    hidden_size: int = _f(_ebt_default("hidden_size"), "model width")
+    intermediate_size: int = _f(_ebt_default("intermediate_size"), "SwiGLU hidden width (the paper uses = hidden_size)")
+    num_hidden_layers: int = _f(_ebt_default("num_hidden_layers"), "number of transformer blocks")
+    num_attention_heads: int = _f(_ebt_default("num_attention_heads"), "attention heads")
+    max_position_embeddings: int = _f(
+        _ebt_default("max_position_embeddings"), "longest context the model supports; must be >= data.block_size"
+    )
+    ebt: dict = _f({}, "any other EBTConfig field, on top of the recipe, e.g. {step_size: 4.0, train_steps_max: 4}")
+
+
+def ebt_config(cfg: ModelConfig, **from_tokenizer: Any) -> EBTConfig:
+    """The run's ``EBTConfig``: its defaults <- ``model.recipe`` <- ``model.ebt`` <- sizes, tokenizer ids.
+
+    The Llama twin is built from this very config (``ebt.llama_twin_config``), hence the same shape.
+    """
+    valid = ebt_keys()
+    unknown = sorted(set(cfg.ebt) - set(valid))
+    if unknown:
+        where = [k for k in unknown if k in SIZES]
+        hint = f" ({', '.join('model.' + k for k in where)} are set in the model section itself)" if where else ""
+        raise ConfigError(f"model.ebt has unknown key(s) {unknown}{hint}; valid: {', '.join(valid)}")
+    try:
+        fields = recipe_fields(cfg.recipe) if cfg.recipe is not None else {}
+    except ValueError as e:
+        raise ConfigError(f"model.recipe: {e}") from None
+    fields.update(cfg.ebt)
+    fields.update({k: getattr(cfg, k) for k in SIZES})
+    fields.update(from_tokenizer)
+    try:
+        return EBTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -73,19 +123,21 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = _f(1337, "seed of model init, data order and noise")
+    seed: int = _f(1337, "seed of model init, data order and the model's starting candidates")
     max_steps: int = _f(200, "optimizer steps")
     micro_batch_size: int = _f(12, "sequences per process per forward")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; global batch = micro * accum * processes")
     lr: float = _f(3e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "cosine floor as a fraction of each parameter group's own peak lr")
     warmup_steps: int = _f(20, "linear warm-up steps")
-    weight_decay: float = _f(0.01, "AdamW weight decay (matrices only; never norms or alpha)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (matrices only; never norms, nor parameters the model exempts)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0: no clipping, still logged)")
     mixed_precision: str = _f("auto", "'auto' (bf16 on GPUs that support it), 'bf16' or 'fp32'")
-    replay_buffer_size: int = _f(0, "EBT S2 recipe: past final candidates kept per process, in rows (0: off)")
+    replay_buffer_size: int = _f(
+        0, "EBT S2 recipe: past final candidates kept per process, in rows (0: off; needs a model with replay_rows)"
+    )
     replay_fraction: float = _f(0.5, "replayed rows added per micro-batch, as a fraction of its rows")
     max_nonfinite_steps: int = _f(3, "consecutive non-finite steps (skipped) before the run stops with an error")
     log_every: int = _f(10, "steps between progress-bar/tracker updates (metrics.jsonl gets every step)")
@@ -95,7 +147,9 @@ class TrainConfig:
 class EvalConfig:
     every: int = _f(100, "steps between validations (and at the end)")
     max_blocks: int = _f(128, "validation blocks evaluated (the same ones every time, split across processes)")
-    think_steps: list = _f([1, 2, 4], "EBT: also report validation loss after these numbers of thinking steps")
+    think_steps: list = _f(
+        [1, 2, 4], "EBT: also report validation loss after these numbers of thinking steps (the model's validation_variants)"
+    )
 
 
 @dataclass
@@ -207,9 +261,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that need no data or model (those come later, still before training)."""
+    """Every check that needs no data: types were checked by ``_build``; here values, the model's
+    ``EBTConfig`` (built with a placeholder vocabulary) and cross-field rules."""
+    from train.hooks import MODELS  # kind -> model class and config
+
     choices = {
-        "model.kind": (cfg.model.kind, ("ebt", "llama")),
+        "model.kind": (cfg.model.kind, tuple(MODELS)),
         "tokenizer.kind": (cfg.tokenizer.kind, ("char", "sentencepiece", "pretrained")),
         "tokenizer.model_type": (cfg.tokenizer.model_type, ("bpe", "unigram")),
         "data.sample_by": (cfg.data.sample_by, ("document", "paragraph", "line")),
@@ -232,6 +289,7 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    ebt_config(cfg.model, vocab_size=PLACEHOLDER_VOCAB)  # a bad model key or value fails here, before any data work
     if cfg.data.block_size > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} exceeds model.max_position_embeddings="
@@ -243,8 +301,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("tokenizer.kind=pretrained needs tokenizer.name_or_path (a Hub name or a folder)")
     if (cfg.data.prompt_column is None) != (cfg.data.answer_column is None):
         raise ConfigError("set both data.prompt_column and data.answer_column, or neither")
-    if cfg.train.replay_buffer_size and cfg.model.kind != "ebt":
-        raise ConfigError("train.replay_buffer_size is an EBT recipe knob; set it to 0 for model.kind=llama")
     if cfg.hub.push_to_hub and not cfg.hub.repo_id:
         raise ConfigError("hub.push_to_hub=true needs hub.repo_id (e.g. your-name/ebt-tiny)")
 

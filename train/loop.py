@@ -1,14 +1,19 @@
-"""The training loop on Accelerate, shared by the EBT and its Transformer++ twin.
+"""The training loop on Accelerate: one loop for any causal LM, the EBT and its Transformer++ twin alike.
 
-Same data, tokenizer, schedule and tokens seen for both kinds, so their curves compare.
-Design points (each is tested):
+Same data, tokenizer, schedule and tokens seen for every kind, so their curves compare. The loop
+knows no model kind: what differs (starting candidates, optimiser exceptions, replayed rows,
+inner-loop health, validation variants) the model supplies through the hooks of
+``train/hooks.py``. Design points (each is tested):
 
 - The loss of a global batch is the token-weighted mean over all its scored tokens, whatever
   the number of processes and micro-batches: each micro-batch's mean loss is weighted by its
   share of the batch's scored tokens (counted with one all-reduce). With DDP's gradient
   averaging this makes N processes compute the same gradients as one.
-- EBT starting candidates are seeded per (seed, step, row of the global batch), so they too do
-  not depend on the process count; replayed rows (S2) come from a per-process buffer.
+- Starting candidates (a model's ``starting_candidates`` hook) are keyed on (train.seed, step,
+  row of the global batch), so they too do not depend on the process count; replayed rows come
+  from a per-process buffer.
+- The logged training ``loss`` is the token-weighted cross-entropy of the final prediction, the
+  quantity ``val/loss`` measures; a model whose objective differs logs it as ``objective``.
 - Non-finite policy: a step whose loss or gradient norm is not finite is skipped (no update,
   logged); ``train.max_nonfinite_steps`` consecutive ones stop the run with
   :class:`NonFiniteLoss` before anything is saved, so the last good checkpoint survives.
@@ -16,7 +21,6 @@ Design points (each is tested):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -24,20 +28,24 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from train import checkpoint as C
-from train import inputs as I
-from train.config import ModelConfig, RunConfig, TrainConfig, flat, to_dict
+from train import data as D
+from train import hooks
+from train.batches import training_batches, val_rows
+from train.config import RunConfig, TrainConfig, flat, to_dict
 from train.export import export
+from train.hooks import build_model
 from train.replay import ReplayBuffer
+from train.tokenizer import build_tokenizer, load_tokenizer
 
-IGNORE = -100
+# The starting candidates of optimizer step ``step`` are keyed on this seed and the global row.
+STEP_SEED = 1_000_003
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
@@ -45,7 +53,7 @@ class NonFiniteLoss(RuntimeError):
     """Too many consecutive non-finite steps; the run stopped without saving."""
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
+def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Accelerator:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -56,10 +64,10 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         log_with = "tensorboard"
     except ImportError:
         log_with = None
-    # Second-order training: a parameter may get no gradient in a step (e.g. the step
+    # The model class says whether a parameter may get no gradient in a step (the EBT: the step
     # embedding of an unused step count); without find_unused_parameters DDP then leaves the
     # first step's gradients un-averaged, silently.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.kind == "ebt")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     # cpu=True on GPU-less machines: without it Accelerate leaves torchrun's processes ungrouped
     # (each trains alone on the full batch) instead of joining them with gloo.
     acc = Accelerator(
@@ -82,38 +90,25 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return acc
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """An EBT, or its Llama twin built from the very same EBTConfig (hence the same shape)."""
-    from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
-
-    sizes = {f: getattr(cfg, f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")}
-    valid = {f.name for f in dataclasses.fields(EBTConfig)} - set(sizes) - {"vocab_size"}
-    unknown = sorted(set(cfg.ebt) - valid)
-    if unknown:
-        raise ValueError(f"model.ebt has unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
-    ids = {
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-    }
-    config = EBTConfig(**sizes, **ids, **cfg.ebt)
-    return LlamaForCausalLM(llama_twin_config(config)) if cfg.kind == "llama" else EBTForCausalLM(config)
-
-
 def build_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW: matrices decay; norms don't; the EBT's alpha has its own lr multiplier and no decay."""
-    groups = {"decay": [], "no_decay": [], "alpha": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups["alpha" if name == "alpha" else "decay" if p.ndim >= 2 else "no_decay"].append(p)
-    alpha_mult = getattr(model.config, "step_size_lr_multiplier", 1.0)
-    spec = [
-        {"params": groups["decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": groups["alpha"], "lr": cfg.lr * alpha_mult, "weight_decay": 0.0},
+    """AdamW: matrices decay, vectors (norms) don't; a parameter the model overrides gets its own group
+    with ``lr * lr_scale`` and its own weight decay (the EBT's learnable step size)."""
+    overrides = hooks.optimizer_overrides(model)
+    named = dict(model.named_parameters())
+    unknown = sorted(set(overrides) - set(named))
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.optimizer_overrides names no parameter {unknown}")
+    decay = [p for n, p in named.items() if p.requires_grad and n not in overrides and p.ndim >= 2]
+    no_decay = [p for n, p in named.items() if p.requires_grad and n not in overrides and p.ndim < 2]
+    groups = [
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in spec if g["params"]], betas=(cfg.beta1, cfg.beta2))
+    for name, spec in overrides.items():
+        if named[name].requires_grad:
+            lr, decay_rate = cfg.lr * spec.get("lr_scale", 1.0), spec.get("weight_decay", cfg.weight_decay)
+            groups.append({"params": [named[name]], "lr": lr, "weight_decay": decay_rate})
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -124,26 +119,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def row_noise(seed: int, step: int, rows: range, shape: tuple[int, int], scale: float, device: torch.device) -> torch.Tensor:
-    """EBT starting candidates keyed on (seed, step, global row): independent of process count."""
-    out = torch.empty(len(rows), *shape, device=device)
-    for i, row in enumerate(rows):
-        gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_000_003 + row)
-        out[i] = torch.randn(shape, generator=gen, device=device)
-    return out * scale
-
-
 def scored(labels: torch.Tensor) -> int:
     """Tokens that get a loss: labels are shifted inside the model, so position 0 never counts."""
-    return int((labels[:, 1:] != IGNORE).sum())
+    return int((labels[:, 1:] != D.IGNORE).sum())
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.acc = make_accelerator(cfg)
+        model_cls = hooks.model_class(cfg.model)
+        hooks.check_trainer_settings(model_cls, cfg.train.replay_buffer_size)
+        self.acc = make_accelerator(cfg, hooks.ddp_find_unused_parameters(model_cls))
         self.resume_from = C.prepare_output(self.out, cfg)  # fails before anything is written
+        self.finished = self.resume_from is not None and C.is_finished(self.out, self.resume_from, cfg.train.max_steps)
+        if self.finished:  # nothing to do, and nothing is touched
+            return
         created = not self.out.exists()
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
@@ -156,40 +147,37 @@ class Trainer:
             raise
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        set_seed(cfg.train.seed)
-        self.tokenizer, self.blocks = self._data()
+        cfg, t, world = self.cfg, self.cfg.train, self.acc.num_processes
+        set_seed(t.seed)
+        self.tokenizer, blocks = self._data()
         self.model = build_model(cfg.model, self.tokenizer)
-        set_seed(cfg.train.seed + self.acc.process_index)  # the EBT's own draws differ per process
-        self.is_ebt = cfg.model.kind == "ebt"
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
+        set_seed(t.seed + self.acc.process_index)  # the model's own draws differ per process
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, t))
         # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.acc.register_for_checkpointing(self.scheduler)
-        self.replay = ReplayBuffer(cfg.train.replay_buffer_size) if cfg.train.replay_buffer_size else None
-        world, t = self.acc.num_processes, cfg.train
+        self.replay = ReplayBuffer(t.replay_buffer_size) if t.replay_buffer_size else None
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * world
-        if isinstance(self.blocks.train, datasets.Dataset):
-            self.batches = I.Batches(self.blocks.train, self.global_batch, t.seed)
-        else:
-            self.batches = I.StreamBatches(self.blocks.train, self.acc.process_index, world, t.seed, cfg.data.shuffle_buffer)
-        self.val = I.val_rows(self.blocks.val, cfg.eval.max_blocks, self.acc.process_index, world, t.micro_batch_size)
+        rank = self.acc.process_index
+        self.batches = training_batches(blocks.train, self.global_batch, rank, world, t.seed, cfg.data.shuffle_buffer)
+        self.val = val_rows(blocks.val, cfg.eval.max_blocks, rank, world, t.micro_batch_size)
         self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
 
     # ------------------------------------------------------------------ setup
-    def _data(self) -> tuple[PreTrainedTokenizerBase, I.Blocks]:
+    def _data(self) -> tuple[PreTrainedTokenizerBase, D.Blocks]:
+        """The run's tokenizer (built once, re-used on resume) and its blocks (train/data.py)."""
         cfg, acc = self.cfg, self.acc
         tok_dir = self.out / "tokenizer"
         with acc.main_process_first():  # main builds tokenizer and data caches, the others re-use them
-            raw = I.raw_split(cfg.data, "train", cfg.train.seed)
+            raw = D.read_split(cfg.data, "train", cfg.train.seed)
             if tok_dir.is_dir():
-                tokenizer = I.load_tokenizer(tok_dir)
+                tokenizer = load_tokenizer(tok_dir)
             else:
-                tokenizer = I.build_tokenizer(cfg.tokenizer, raw, cfg.data)
+                tokenizer = build_tokenizer(cfg.tokenizer, D.texts(cfg.data, raw))
                 if acc.is_main_process:
                     tokenizer.save_pretrained(str(tok_dir))
-            blocks = I.build_blocks(cfg.data, tokenizer, raw, cfg.train.seed)
+            blocks = D.build_blocks(cfg.data, tokenizer, raw, cfg.train.seed)
         return tokenizer, blocks
 
     def _resume(self) -> None:
@@ -204,89 +192,84 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This process's micro-batches of the current global batch, EBT starting points included."""
+        """This process's micro-batches of the current global batch, with the model's extra inputs."""
         t, rank, world = self.cfg.train, self.acc.process_index, self.acc.num_processes
+        model = self.acc.unwrap_model(self.model)
+        seed = t.seed * STEP_SEED + self.step  # the same on every process: starts depend on the global row only
         mbs = []
         for m in range(t.grad_accum_steps):
             first = (m * world + rank) * t.micro_batch_size
             mb = {k: v.to(self.acc.device) for k, v in self.batches.micro(self.step, first, t.micro_batch_size).items()}
-            if self.is_ebt:
-                rows = range(first, first + t.micro_batch_size)
-                cfg = self.acc.unwrap_model(self.model).config
-                shape = (mb["input_ids"].shape[1], cfg.vocab_size)
-                mb["init_logits"] = row_noise(t.seed, self.step, rows, shape, cfg.init_noise_scale, self.acc.device)
-                self._add_replay(mb)
+            rows = torch.arange(first, first + len(mb["input_ids"]), device=self.acc.device)
+            mb.update(hooks.starting_inputs(model, rows, mb["input_ids"].shape[1], seed))
+            self._add_replay(mb)
             mbs.append(mb)
         return mbs
 
     def _add_replay(self, mb: dict[str, torch.Tensor]) -> None:
         if self.replay is None:
             return
-        n = round(self.cfg.train.replay_fraction * len(mb["input_ids"]))
-        old = self.replay.sample(n)
-        if old is not None:
-            for key, rows in zip(("input_ids", "labels", "init_logits"), old):
-                mb[key] = torch.cat([mb[key], rows])
+        old = self.replay.sample(round(self.cfg.train.replay_fraction * len(mb["input_ids"])))
+        if old is None:
+            return
+        missing = sorted(set(old) - set(mb))
+        if missing:
+            raise ValueError(f"replayed rows carry {missing}, which the training batch lacks (batch keys: {sorted(mb)})")
+        for key, rows in old.items():
+            mb[key] = torch.cat([mb[key], rows])
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns its metrics (identical on all processes)."""
         mbs = self._micro_batches()
+        model = self.acc.unwrap_model(self.model)
         counts = [scored(mb["labels"]) for mb in mbs]
         total = self.acc.reduce(torch.tensor(float(sum(counts)), device=self.acc.device), "sum").item()
         world = self.acc.num_processes
-        loss_sum = torch.zeros((), device=self.acc.device)
-        health = []
+        sums = torch.zeros(2, device=self.acc.device)  # token-weighted final-prediction loss, objective
+        outputs = []
         for m, (mb, n) in enumerate(zip(mbs, counts)):
             sync = nullcontext() if m == len(mbs) - 1 else self.acc.no_sync(self.model)
             with sync:
                 out = self.model(**mb)
                 # DDP averages over processes, hence * world: the sum is the global token mean.
                 self.acc.backward(out.loss * (n * world / max(total, 1.0)))
-            loss_sum += out.loss.detach().float() * n
-            if self.is_ebt:
-                health.append(out)
-                if self.replay is not None:
-                    self.replay.add(mb["input_ids"], mb["labels"], out.logits.detach())
-        loss = (self.acc.reduce(loss_sum, "sum") / max(total, 1.0)).item()
+            sums += torch.stack([hooks.final_loss(out).float(), out.loss.detach().float()]) * n
+            outputs.append(out)
+            if self.replay is not None:
+                self.replay.add(hooks.replay_rows(model, mb, out))
+        loss, objective = (self.acc.reduce(sums, "sum") / max(total, 1.0)).tolist()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), clip))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if hooks.has_objective(outputs[-1]):
+            metrics["objective"] = objective
+        if all(math.isfinite(v) for v in (loss, objective, grad_norm)):
             self.optimizer.step()
             self.bad_steps = 0
         else:
             self.bad_steps += 1
             metrics["skipped"] = 1
-            self.acc.print(f"step {self.step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped")
+            self.acc.print(
+                f"step {self.step + 1}: non-finite loss {loss} / objective {objective} / grad norm {grad_norm}; update skipped"
+            )
             if self.bad_steps >= self.cfg.train.max_nonfinite_steps:
                 raise NonFiniteLoss(
                     f"{self.bad_steps} consecutive non-finite steps (last at step {self.step + 1}); stopped "
                     f"without saving. The last good checkpoint is in {self.out / 'checkpoints'}: lower train.lr "
-                    f"(or the EBT's step size), then resume it"
+                    f"(or the model's step size), then resume it"
                 )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if health:
-            metrics.update(self._health(health))
-        return metrics
-
-    def _health(self, outs: list) -> dict[str, float]:
-        """Inner-loop health: alpha, energy drop over the inner steps, loss after each step."""
-        metrics = {"alpha": float(self.acc.unwrap_model(self.model).alpha.detach())}
-        metrics["energy_drop"] = sum(float((o.energies[..., 0] - o.energies[..., -1]).mean()) for o in outs) / len(outs)
-        steps = outs[-1].step_losses
-        metrics.update({f"step_loss_{i + 1}": float(v) for i, v in enumerate(steps)})
+        metrics.update(hooks.training_metrics(model, outputs))
         return metrics
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted validation loss and perplexity (EBT: also after ``eval.think_steps`` steps)."""
+        """Token-weighted validation loss and perplexity, also of the model's validation variants."""
         model = self.acc.unwrap_model(self.model)
         model.eval()
-        variants = {"": {}}
-        if self.is_ebt:
-            variants.update({f"_think{k}": {"think_steps": k} for k in self.cfg.eval.think_steps})
+        variants = hooks.validation_variants(model, self.cfg.eval.think_steps)
         sums = torch.zeros(len(variants) + 1, device=self.acc.device)
         for batch in self.val:
             ids, labels = batch["input_ids"].to(self.acc.device), batch["labels"].to(self.acc.device)
@@ -316,18 +299,26 @@ class Trainer:
 
     def _save(self) -> None:
         state = {"step": self.step, "tokens_seen": self.tokens_seen}
-        C.save(self.acc, self.out / "checkpoints", self.step, state, {"data": self.batches.state_dict()}, self.replay, self.cfg.checkpoint.keep_last)
+        C.save(
+            self.acc,
+            self.out / "checkpoints",
+            self.step,
+            state,
+            {"data": self.batches.state_dict()},
+            self.replay,
+            self.cfg.checkpoint.keep_last,
+        )
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
+        if self.finished:
+            acc.print(f"{self.out} is finished ({cfg.train.max_steps} steps); its export is in {self.out / 'final'}")
+            return {}
         if self.resume_from is not None:
             self._resume()
         elif acc.is_main_process:  # a fresh start in this run's folder (killed before its first checkpoint)
             self._metrics_path().unlink(missing_ok=True)
-            if self.step >= cfg.train.max_steps and (self.out / "final").is_dir():
-                acc.print(f"{self.out} is finished (step {self.step}); its export is in {self.out / 'final'}")
-                return {}
         if acc.is_main_process:
             tracker_cfg = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
             acc.init_trackers("tensorboard", config=tracker_cfg)
@@ -347,7 +338,9 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.eval.every == 0 or last:
                 metrics.update(self.evaluate())
-                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
+                bar.write(
+                    f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+                )
             self._log(metrics)
             if self.step % cfg.checkpoint.every == 0 or last:
                 self._save()

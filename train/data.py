@@ -1,11 +1,20 @@
-"""Text sources -> tokenised, EOS-joined, fixed-size blocks with a per-token loss mask.
+"""The ``data`` section of a run config -> tokenised, EOS-joined, fixed-size blocks.
 
-Every source becomes rows of ``input_ids`` and ``labels`` (``block_size`` tokens each, labels
-un-shifted in the Hugging Face convention, ``-100`` where a token is not scored). Prompt/answer
-data (the embedded reasoning tasks, or any source with ``prompt_column``/``answer_column``) is
-scored on the answer and the EOS only, and the mask survives packing because it is packed with
-the tokens. Tokenising and packing are two batched ``map`` calls, so ``datasets`` caches both for
-file and Hub sources and can run the tokeniser in several processes.
+The whole path, in the order the trainer calls it:
+
+1. :func:`read_split`: one split of the source (the embedded reasoning tasks, a local
+   file/folder/glob, or a Hub dataset), raw text, as a (streaming) ``datasets`` object;
+2. :func:`texts`: its raw text, to build a tokenizer from (``train/tokenizer.py``);
+3. :func:`build_blocks`: training and validation blocks (:func:`tokenize` then :func:`pack`,
+   validation from the source's own split or held out with :func:`tail_split`).
+
+Every block is a row of ``input_ids`` and ``labels`` (``block_size`` tokens each, labels
+un-shifted in the Hugging Face convention, :data:`IGNORE` where a token is not scored).
+Prompt/answer data (the embedded reasoning tasks, or any source with ``prompt_column``/
+``answer_column``) is scored on the answer and the EOS only, and the mask survives packing
+because it is packed with the tokens. Tokenising and packing are two batched ``map`` calls, so
+``datasets`` caches both for file and Hub sources and can run the tokeniser in several processes.
+The order in which blocks are batched is ``train/batches.py``.
 """
 
 from __future__ import annotations
@@ -13,14 +22,36 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-IGNORE = -100
+from train.config import DataConfig
+
+IGNORE = -100  # the label of a token that gets no loss (Hugging Face convention)
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+AUTO_NUM_PROC_ROWS = 200_000  # below this, worker start-up costs more than it saves
 Source = datasets.Dataset | datasets.IterableDataset
+
+
+@dataclass
+class Blocks:
+    train: Source
+    val: datasets.Dataset
+
+
+# ---------------------------------------------------------------------------------- 1. read
+def read_split(cfg: DataConfig, split: str, seed: int) -> Source:
+    """One split (``"train"`` or ``"val"``) of the configured source, before tokenisation."""
+    if cfg.source == "tasks":
+        n = cfg.task_examples if split == "train" else cfg.task_val_examples
+        return task_mixture(list(cfg.tasks), "train" if split == "train" else "validation", n, seed)
+    name = cfg.train_split if split == "train" else cfg.val_split
+    return load_source(
+        cfg.source, fmt=cfg.format, hub_config=cfg.hub_config, split=name, streaming=cfg.streaming, sample_by=cfg.sample_by
+    )
 
 
 def task_mixture(names: list[str], split: str, num_examples: int, seed: int) -> datasets.Dataset:
@@ -37,23 +68,18 @@ def task_mixture(names: list[str], split: str, num_examples: int, seed: int) -> 
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
 
 
-def _local_files(source: str) -> list[str]:
-    p = Path(source)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in FORMATS)
-    else:
-        files = sorted(glob.glob(source)) if glob.has_magic(source) else ([source] if p.is_file() else [])
-    return files
-
-
 def is_local(source: str) -> bool:
     """Path-looking sources must exist locally: a typo must not be mistaken for a Hub name."""
     return (
-        Path(source).exists()
-        or source.startswith((".", "/", "~"))
-        or Path(source).suffix in FORMATS
-        or glob.has_magic(source)
+        Path(source).exists() or source.startswith((".", "/", "~")) or Path(source).suffix in FORMATS or glob.has_magic(source)
     )
+
+
+def _local_files(source: str) -> list[str]:
+    p = Path(source)
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*") if f.suffix in FORMATS)
+    return sorted(glob.glob(source)) if glob.has_magic(source) else ([source] if p.is_file() else [])
 
 
 def load_source(
@@ -92,21 +118,70 @@ def load_source(
         raise ValueError(f"could not read {source} as {fmt}: {cause}") from None
 
 
-def iter_texts(ds: Source, columns: list[str]) -> Iterator[str]:
-    """The raw text of ``columns`` (for building a tokenizer), row by row."""
+# ---------------------------------------------------------------------------------- 2. text for a tokenizer
+def columns(cfg: DataConfig) -> dict[str, str]:
+    """Which columns hold the text: ``{"text_column": ...}`` or ``{"prompt_column": ..., "answer_column": ...}``."""
+    if cfg.source == "tasks":
+        return {"prompt_column": "prompt", "answer_column": "answer"}
+    if cfg.prompt_column:
+        return {"prompt_column": cfg.prompt_column, "answer_column": cfg.answer_column}
+    return {"text_column": cfg.text_column}
+
+
+def texts(cfg: DataConfig, raw: Source) -> Iterator[str]:
+    """The raw text of the configured columns (lazily: a pretrained tokenizer reads none of it)."""
+    return iter_texts(raw, list(columns(cfg).values()))
+
+
+def iter_texts(ds: Source, names: list[str]) -> Iterator[str]:
+    """The raw text of columns ``names``, row by row."""
     for row in ds:
-        for c in columns:
+        for c in names:
             if row[c]:
                 yield row[c]
 
 
-def _check_columns(ds: Source, columns: list[str]) -> None:
-    names = ds.column_names
-    if names is None:  # some streaming sources only know their columns once read
-        names = list(next(iter(ds)).keys())
-    missing = [c for c in columns if c not in names]
+# ---------------------------------------------------------------------------------- 3. blocks
+def build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, raw_train: Source, seed: int) -> Blocks:
+    """Training blocks and a fixed validation set (own split if the source has one, else held out)."""
+    train = _blocks(cfg, raw_train, tokenizer)
+    if cfg.val_split is not None or cfg.source == "tasks":
+        val = _blocks(cfg, read_split(cfg, "val", seed), tokenizer)
+    elif cfg.streaming:
+        val, train = train.take(cfg.val_blocks), train.skip(cfg.val_blocks)
+    else:
+        if len(train) == 0:
+            raise ValueError(_too_little(cfg))
+        train, val = tail_split(train, cfg.val_fraction)
+    if isinstance(val, datasets.IterableDataset):
+        val = datasets.Dataset.from_list(list(val))
+    if len(val) == 0 or (isinstance(train, datasets.Dataset) and len(train) == 0):
+        raise ValueError(_too_little(cfg))
+    return Blocks(train=train, val=val.with_format("torch"))
+
+
+def _blocks(cfg: DataConfig, ds: Source, tokenizer: PreTrainedTokenizerBase) -> Source:
+    """Tokenise (cached by ``datasets`` for file/Hub sources) and pack into ``block_size`` blocks."""
+    n = cfg.num_proc
+    if n is None and isinstance(ds, datasets.Dataset) and len(ds) >= AUTO_NUM_PROC_ROWS:
+        n = min(os.cpu_count() or 1, 8)
+    return pack(tokenize(ds, tokenizer, num_proc=n, **columns(cfg)), cfg.block_size, num_proc=n)
+
+
+def _too_little(cfg: DataConfig) -> str:
+    return (
+        f"data.source={cfg.source!r} gives no complete block of data.block_size={cfg.block_size} tokens "
+        f"for training or validation: the text is empty or too short; add text or lower data.block_size"
+    )
+
+
+def _check_columns(ds: Source, names: list[str]) -> None:
+    present = ds.column_names
+    if present is None:  # some streaming sources only know their columns once read
+        present = list(next(iter(ds)).keys())
+    missing = [c for c in names if c not in present]
     if missing:
-        raise ValueError(f"column(s) {missing} not in the data (it has {names}); set data.text_column etc.")
+        raise ValueError(f"column(s) {missing} not in the data (it has {present}); set data.text_column etc.")
 
 
 def tokenize(
@@ -119,12 +194,11 @@ def tokenize(
     num_proc: int | None = None,
 ) -> Source:
     """Rows -> ``input_ids`` + ``scored`` (1 where the loss applies), one EOS appended per document."""
-    columns = [prompt_column, answer_column] if prompt_column else [text_column]
-    _check_columns(ds, columns)
+    _check_columns(ds, [prompt_column, answer_column] if prompt_column else [text_column])
     eos = tokenizer.eos_token_id
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    def encode(batch: list[str]) -> list[list[int]]:
+        return tokenizer(batch, add_special_tokens=False)["input_ids"]
 
     def fn(batch: dict) -> dict:
         if prompt_column:
@@ -144,7 +218,7 @@ def pack(ds: Source, block_size: int, num_proc: int | None = None) -> Source:
     """Concatenate documents (already EOS-terminated) and cut them into ``block_size`` blocks.
 
     Works per ``map`` batch of 1000 documents; each batch drops its last partial block (less
-    than one block per 1000 documents). Labels are the inputs with unscored tokens set to -100.
+    than one block per 1000 documents). Labels are the inputs with unscored tokens set to IGNORE.
     """
 
     def fn(batch: dict) -> dict:

@@ -1,4 +1,6 @@
-"""Tokenizers that save with a checkpoint and reload with ``AutoTokenizer`` and no custom code.
+"""The ``tokenizer`` section of a run config -> a tokenizer that saves with the model and reloads
+with ``AutoTokenizer`` and no custom code (:func:`build_tokenizer`; a resumed run reloads its own
+with :func:`load_tokenizer`).
 
 Both home-made kinds are plain ``tokenizers`` pipelines wrapped in ``PreTrainedTokenizerFast``,
 so ``save_pretrained`` writes a ``tokenizer.json`` that any ``transformers`` install reloads:
@@ -22,8 +24,29 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from train.config import TokenizerConfig
+
 UNK = "<unk>"
 BOS = "<s>"
+
+
+def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """A new tokenizer for a run: char / SentencePiece built from ``texts`` (at most
+    ``cfg.train_chars`` characters of them are read), or an existing one (``texts`` unread)."""
+    if cfg.kind == "pretrained":
+        return pretrained_tokenizer(cfg.name_or_path)
+    texts = take_chars(texts, cfg.train_chars)
+    if cfg.kind == "char":
+        return char_tokenizer(texts, eos_token=cfg.eos_token)
+    return sentencepiece_tokenizer(texts, cfg.vocab_size, cfg.model_type, eos_token=cfg.eos_token)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a run saved in ``OUTPUT/tokenizer`` (resume re-uses it, never rebuilds it)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the run's tokenizer in {path} is unreadable ({e}); start a new output_dir") from None
 
 
 def take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -101,7 +124,8 @@ def sentencepiece_tokenizer(
             )
         except RuntimeError as e:
             raise ValueError(
-                f"SentencePiece training failed ({e}); adjust tokenizer.vocab_size (byte fallback needs 256 + the characters; a small corpus supports only a small vocabulary)"
+                f"SentencePiece training failed ({e}); adjust tokenizer.vocab_size (byte fallback needs 256 + "
+                f"the characters; a small corpus supports only a small vocabulary)"
             ) from None
         spec = SentencePieceExtractor(prefix + ".model").extract(None)
     if model_type == "bpe":
@@ -126,8 +150,7 @@ def pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"could not load tokenizer {name_or_path!r} ({e}); pass a local folder or a Hub name "
-            f"reachable from this machine"
+            f"could not load tokenizer {name_or_path!r} ({e}); pass a local folder or a Hub name reachable from this machine"
         ) from None
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; packing needs one to join documents")
