@@ -151,22 +151,34 @@ class EBTRMSNorm(nn.Module):
         dtype = x.dtype
         x = _at_least_fp32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * _like(x, dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (B, 1, T, Dh) for integer positions (B, T)."""
+    """cos and signed sin tables (B, 1, T, Dh) for integer positions (B, T), for ``apply_rope``.
+
+    The sin table carries the sign of Llama's ``rotate_half`` (first half negative), so applying
+    RoPE is one roll and three elementwise operations.
+    """
     work = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
     freqs = positions.to(work)[..., None] * inv_freq  # (B, T, Dh/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None]  # (B, 1, T, Dh)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None]
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Llama's RoPE, ``x * cos + rotate_half(x) * sin``, with the sign folded into ``sin``."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
+
+def qk_rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (2, B, 1, T, Dh) for queries and keys stacked, the query half pre-scaled by
+    1/sqrt(Dh): one ``apply_rope`` rotates both and folds the attention scale into the queries."""
+    cos, sin = rope_cos_sin(positions, head_dim, theta, dtype)
+    scale = 1.0 / math.sqrt(head_dim)
+    return torch.stack((cos * scale, cos)), torch.stack((sin * scale, sin))
 
 
 class EBTMLP(nn.Module):
@@ -178,8 +190,10 @@ class EBTMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+        """``gate_up_weight``: gate and up projections stacked (2I, D), see ``EBTDecoderLayer.fused_weights``."""
+        gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class EBTAttention(nn.Module):
@@ -201,24 +215,26 @@ class EBTAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-
     def _merge(self, x: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = x.shape
         return self.o_proj(x.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (B, H, T, Dh); ``rope`` = the (cos, sin) tables of their positions."""
-        cos, sin = rope
-        q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
-        return q, k, self._heads(self.v_proj(x))
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], qkv_weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (scaled by 1/sqrt(Dh)), keys, values (B, H, T, Dh).
+
+        ``rope``: the ``qk_rope`` tables of their positions; ``qkv_weight``: the three projections
+        stacked (3D, D), so one matmul and one rotation serve all heads of q, k and v.
+        """
+        b, t, _ = x.shape
+        qkv = F.linear(x, qkv_weight).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+        q, k = apply_rope(qkv[:2], *rope).unbind(0)
+        return q, k, qkv[2]
 
     def observed(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Context stream attention; ``mask`` (B, 1, Tq, Tk) bool, or None for plain causal."""
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=1.0)
         return self._merge(out)
 
     def candidate(
@@ -227,22 +243,20 @@ class EBTAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         keys: torch.Tensor,
         values: torch.Tensor,
-        visible: torch.Tensor,
+        hidden: torch.Tensor,
+        qkv_weight: torch.Tensor,
     ) -> torch.Tensor:
         """Candidate stream attention.
 
-        x: (B, Lc, D) candidate states; rope: their (cos, sin) tables; keys/values: (B, H, T, Dh)
-        observed; visible: (B, 1, Lc, T) which observed keys each candidate sees.
+        x: (B, Lc, D) candidate states; rope: their ``qk_rope`` tables; keys/values: (B, H, T, Dh)
+        observed; hidden: (B, 1, Lc, T) additive mask, -inf at observed keys a candidate may not see.
         """
-        q, k, v = self.project(x, rope)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        scores_obs = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (B, H, Lc, T)
-        scores_obs = scores_obs.masked_fill(~visible, float("-inf"))
-        score_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, Lc, 1)
-        weights = torch.softmax(_at_least_fp32(torch.cat((scores_obs, score_self), dim=-1)), dim=-1).to(q.dtype)
-        t = keys.shape[-2]
-        out = torch.matmul(weights[..., :t], values) + weights[..., t:] * v  # (B, H, Lc, Dh)
-        return self._merge(out)
+        q, k, v = self.project(x, rope, qkv_weight)
+        scores_obs = torch.matmul(q, keys.transpose(-1, -2)) + hidden  # (B, H, Lc, T); q is pre-scaled
+        score_self = (q * k).sum(-1, keepdim=True)  # (B, H, Lc, 1)
+        weights = torch.softmax(_at_least_fp32(torch.cat((scores_obs, score_self), dim=-1)), dim=-1)
+        w_obs, w_self = _like(weights, q).split((keys.shape[-2], 1), dim=-1)
+        return self._merge(torch.matmul(w_obs, values) + w_self * v)  # (B, H, Lc, Dh) -> (B, Lc, D)
 
 
 class EBTDecoderLayer(nn.Module):
@@ -253,8 +267,18 @@ class EBTDecoderLayer(nn.Module):
         self.post_attention_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = EBTMLP(config)
 
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k, v) projections stacked (3D, D) and (gate, up) stacked (2I, D).
+
+        Built once per forward and reused by every inner step (fewer, larger matmuls); the
+        parameters keep Llama's names, so checkpoints are unchanged.
+        """
+        attn, mlp = self.self_attn, self.mlp
+        qkv = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+        return qkv, torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
+
+    def feed_forward(self, h: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h), gate_up_weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,19 +371,22 @@ class EBTModel(EBTPreTrainedModel):
             mask = (causal & (key_valid[:, None, :] | itself))[:, None]
 
         h = self.embed_tokens(input_ids)
-        rope = rope_cos_sin(positions_new, self.config.head_dim, self.config.rope_theta, h.dtype)  # once, all layers
+        rope = qk_rope(positions_new, self.config.head_dim, self.config.rope_theta, h.dtype)  # once, all layers
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.self_attn.project(layer.input_layernorm(h), rope)
+            qkv_weight, gate_up_weight = layer.fused_weights()
+            q, k, v = layer.self_attn.project(layer.input_layernorm(h), rope, qkv_weight)
             if past is not None:
                 k = torch.cat((past.keys[i], k), dim=2)
                 v = torch.cat((past.values[i], v), dim=2)
+            else:  # own storage: the cache must not keep the stacked q/k/v projections alive
+                k, v = k.contiguous(), v.contiguous()
             keys.append(k)
             values.append(v)
             if i == len(self.layers) - 1:
                 break
             h = h + layer.self_attn.observed(q, k, v, mask)
-            h = layer.feed_forward(h)
+            h = layer.feed_forward(h, gate_up_weight)
         positions = positions_new if past is None else torch.cat((past.positions, positions_new), 1)
         return EBTContext(keys=keys, values=values, key_valid=key_valid, positions=positions)
 
@@ -371,20 +398,24 @@ class EBTModel(EBTPreTrainedModel):
         not depend on the candidates (RoPE tables, visibility mask) is built here once and reused
         by every inner step.
         """
+        dtype = context.keys[0].dtype
         positions = context.positions[:, query_index] + 1  # (B, Lc)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, context.keys[0].dtype)
+        rope = qk_rope(positions, self.config.head_dim, self.config.rope_theta, dtype)
         k_index = torch.arange(context.length, device=context.key_valid.device)
-        visible = (k_index[None, :] <= query_index[:, None])[None] & context.key_valid[:, None, :]
-        visible = visible[:, None]  # (B, 1, Lc, T)
+        visible = (k_index[None, :] <= query_index[:, None])[None] & context.key_valid[:, None, :]  # (B, Lc, T)
+        hidden = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+        hidden = hidden[:, None]  # (B, 1, Lc, T)
         weight = self.embed_tokens.weight.t() if self.candidate_embed is None else self.candidate_embed.weight
+        fused = [layer.fused_weights() for layer in self.layers]
 
         def energy(probs: torch.Tensor, step: int = 0) -> torch.Tensor:
-            h = F.linear(probs.to(weight.dtype), weight)  # (B, Lc, D)
+            h = F.linear(_like(probs, weight.dtype), weight)  # (B, Lc, D)
             if self.step_embed is not None:
                 h = h + self.step_embed.weight[min(step, self.step_embed.num_embeddings - 1)]
-            for layer, keys, values in zip(self.layers, context.keys, context.values):
-                h = h + layer.self_attn.candidate(layer.input_layernorm(h), rope, keys, values, visible)
-                h = layer.feed_forward(h)
+            for layer, keys, values, (qkv_weight, gate_up_weight) in zip(self.layers, context.keys, context.values, fused):
+                x = layer.input_layernorm(h)
+                h = h + layer.self_attn.candidate(x, rope, keys, values, hidden, qkv_weight)
+                h = layer.feed_forward(h, gate_up_weight)
             return _at_least_fp32(self.energy_head(self.norm(h))[..., 0])
 
         return energy
@@ -801,7 +832,13 @@ def _position_normal(positions: torch.Tensor, samples: int, vocab: int, seed: in
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Candidates and energies are kept in fp32 under bf16/fp16 weights, in fp64 for fp64 checks."""
-    return x if x.dtype == torch.float64 else x.float()
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _like(x: torch.Tensor, dtype: torch.Tensor | torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (or another tensor's dtype), without a dispatched no-op when it already is."""
+    dtype = dtype.dtype if isinstance(dtype, torch.Tensor) else dtype
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .modeling_ebt import EBTCausalLMOutput, EBTForCausalLM, _at_least_fp32, apply_rope, rope_cos_sin
+from .modeling_ebt import EBTCausalLMOutput, EBTForCausalLM, _at_least_fp32
 
 
 def doubled_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -45,18 +45,29 @@ def plain_energy(model: EBTForCausalLM, input_ids: torch.Tensor, probs: torch.Te
     h = torch.cat((base.embed_tokens(input_ids), cand), dim=1)  # (B, 2L, D)
     pos = torch.arange(length, device=input_ids.device)
     positions = torch.cat((pos, pos + 1))[None].expand(bsz, -1)  # candidate i sits at i + 1
-    cos, sin = rope_cos_sin(positions, head_dim, cfg.rope_theta, h.dtype)
+    # Llama's RoPE written out (rotate_half), independent of the model's folded-sign tables.
+    work = torch.float64 if h.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=work, device=h.device) / head_dim))
+    freqs = positions.to(work)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, 2L, Dh)
+    cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        half = head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
     mask = doubled_mask(length, input_ids.device)
     for layer in base.layers:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = (proj(x).view(bsz, 2 * length, heads, head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q), rope(k)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, 2L, 2L)
         weights = torch.softmax(_at_least_fp32(scores.masked_fill(~mask, float("-inf"))), dim=-1).to(q.dtype)
         out = (weights @ v).transpose(1, 2).reshape(bsz, 2 * length, heads * head_dim)
         h = h + attn.o_proj(out)
-        h = layer.feed_forward(h)
+        mlp, x = layer.mlp, layer.post_attention_layernorm(h)
+        h = h + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     return _at_least_fp32(base.energy_head(base.norm(h[:, length:]))[..., 0])
 
 
