@@ -263,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no data: types were checked by ``_build``; here values, the model's
     ``EBTConfig`` (built with a placeholder vocabulary) and cross-field rules."""
-    from train.hooks import MODELS  # kind -> model class and config
+    from train.hooks import MODELS, check_trainer_settings, model_class  # what each model.kind builds
 
     choices = {
         "model.kind": (cfg.model.kind, tuple(MODELS)),
@@ -290,6 +290,7 @@ def validate(cfg: RunConfig) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     ebt_config(cfg.model, vocab_size=PLACEHOLDER_VOCAB)  # a bad model key or value fails here, before any data work
+    check_trainer_settings(model_class(cfg.model), cfg.train.replay_buffer_size)
     if cfg.data.block_size > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} exceeds model.max_position_embeddings="

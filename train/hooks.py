@@ -1,25 +1,24 @@
 """What the trainer asks of a model, with the defaults any Hugging Face causal LM satisfies.
 
 The loop (``train/loop.py``) knows no model kind. A model may supply these hooks; where it does
-not, the default below holds (so a plain ``LlamaForCausalLM``, the EBT's twin, needs none):
+not, the default holds, so a plain ``LlamaForCausalLM`` (the EBT's twin) needs none:
 
-==========================================  ==========================================================
-model hook                                  default
-==========================================  ==========================================================
-``model(**batch)`` in train mode            the output's ``loss`` is what is backpropagated (the
-                                            objective); ``final_loss``, when present, is the detached
-                                            cross-entropy of the final prediction, logged as ``loss``
-``starting_candidates(rows, length, seed)`` none; else passed as ``init_logits`` (B, length, V), keyed
-                                            on (seed, global row id) so starts do not depend on the
-                                            process count
-``optimizer_overrides()``                   ``{}``; else ``{param_name: {"lr_scale", "weight_decay"}}``:
-                                            those parameters get their own AdamW group
-``replay_rows(batch, output)``              none (then ``train.replay_buffer_size`` must be 0); else
-                                            named rows to keep, re-added to later batches by name
-``training_metrics(outputs)``               ``{}``; inner-loop health over a step's micro-batch outputs
-``validation_variants(think_steps)``        ``{"": {}}``; suffix -> extra forward kwargs of validation
-class attribute ``ddp_find_unused_parameters``  ``False``
-==========================================  ==========================================================
+- ``model(**batch)`` in train mode: the output's ``loss`` is backpropagated (the objective);
+  ``final_loss``, when present, is the detached cross-entropy of the final prediction and is
+  logged as ``loss`` (the quantity ``val/loss`` measures), the objective as ``objective``.
+  Default: ``loss`` is both.
+- ``starting_candidates(rows, length, seed)``: training starts (B, length, V), passed as
+  ``init_logits``, keyed on (seed, global row id) so they do not depend on the process count.
+  Default: none.
+- ``optimizer_overrides()``: ``{param_name: {"lr_scale": ..., "weight_decay": ...}}``, each such
+  parameter in its own AdamW group. Default: ``{}``.
+- ``replay_rows(batch, output)``: named rows to keep in the replay buffer, added to later
+  batches by name. Default: none, and then ``train.replay_buffer_size`` must be 0.
+- ``training_metrics(outputs)``: health of a step from its micro-batch outputs. Default: ``{}``.
+- ``validation_variants(think_steps)``: suffix -> extra forward kwargs of validation (the
+  metric ``val/loss<suffix>``). Default: ``{"": {}}``.
+- class attribute ``ddp_find_unused_parameters``: a parameter may get no gradient in a step.
+  Default: ``False``.
 """
 
 from __future__ import annotations

@@ -128,9 +128,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        model_cls = hooks.model_class(cfg.model)
-        hooks.check_trainer_settings(model_cls, cfg.train.replay_buffer_size)
-        self.acc = make_accelerator(cfg, hooks.ddp_find_unused_parameters(model_cls))
+        self.acc = make_accelerator(cfg, hooks.ddp_find_unused_parameters(hooks.model_class(cfg.model)))
         self.resume_from = C.prepare_output(self.out, cfg)  # fails before anything is written
         self.finished = self.resume_from is not None and C.is_finished(self.out, self.resume_from, cfg.train.max_steps)
         if self.finished:  # nothing to do, and nothing is touched
