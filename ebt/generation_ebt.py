@@ -194,7 +194,7 @@ class EBTGenerationMixin:
             else:
                 context = self.model.encode(sequences[:, -1:], mask, past=context)  # one new token
             last = torch.tensor([context.length - 1], device=sequences.device)
-            out = self.think(thinking=thinking, context=context, query_index=last)
+            out = self.think(thinking=thinking, context=context, query_index=last, final_energy=config.return_dict_in_generate)
             logits = out.logits[:, 0]  # (B, V)
             warped = warpers(sequences, logits)
             if config.do_sample:

@@ -595,6 +595,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         return_trajectory: bool = False,
         context: EBTContext | None = None,
         query_index: torch.Tensor | None = None,
+        final_energy: bool = True,
         **settings,
     ) -> EBTThinkOutput:
         """Predict by minimising the energy: the inference entry point.
@@ -606,6 +607,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         init_logits: (B, Lc, V) starting candidates instead of the seeded random starts.
         context/query_index: a precomputed ``EBTContext`` (e.g. a generation KV cache) and which
             of its indices to predict after; by default every position of ``input_ids``.
+        final_energy: False skips the energy pass after the last step when the caller does not
+            read it (``energies`` then stops before the last step); kept where choosing among
+            samples or ``accept_decrease`` needs it.
 
         Works under ``torch.no_grad()`` (gradients are enabled for the inner loop only and nothing
         is returned with a graph); cannot work under ``torch.inference_mode()``.
@@ -656,6 +660,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 targets=targets,
                 tolerance=thinking.tolerance,
                 accept_decrease=thinking.accept_decrease,
+                final_energy=final_energy or samples > 1 or thinking.accept_decrease or thinking.steps == 0,
                 keep_trajectory=return_trajectory,
             )
             vocab = cfg.vocab_size
@@ -678,7 +683,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             steps_taken=chosen_taken,
             step_losses=result["step_losses"],
             trajectory=result["trajectory"],
-            function_evaluations=samples * (2 * thinking.steps + 1),
+            function_evaluations=samples * (2 * thinking.steps + int(result["energies"].shape[-1] > thinking.steps)),
         )
 
     def forward(

@@ -164,6 +164,21 @@ def test_per_token_energies_come_back_with_the_tokens(model):
     assert (out.steps_taken == 3).all()
 
 
+def test_energy_pass_is_skipped_only_when_nobody_reads_it(model):
+    """Plain generate() skips the final energy pass; asking for energies gives the same tokens plus
+    the final energies of think() on each prefix."""
+    prompt = _prompt(seed=8)
+    plain = model.generate(prompt, max_new_tokens=5, think_steps=2)
+    out = model.generate(prompt, max_new_tokens=5, think_steps=2, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain) and out.function_evaluations == 2 * 2 + 1
+    with torch.no_grad():
+        thought = model.think(out.sequences[:, :-1], steps=2)
+        skipped = model.think(out.sequences[:, :-1], steps=2, final_energy=False)
+    torch.testing.assert_close(out.energies[:, -1], thought.energies[:, -1, -1])
+    assert torch.equal(skipped.logits, thought.logits) and skipped.energies.shape[-1] == 2
+    assert skipped.function_evaluations == 2 * 2
+
+
 def test_sampling_controls(model):
     prompt = _prompt(seed=6)
     greedy = model.generate(prompt, max_new_tokens=16)
