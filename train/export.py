@@ -12,6 +12,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from train.config import RunConfig, dump_yaml
 
+TITLES = {"ebt": "Energy-based transformer (EBT)", "llama": "Transformer++ (Llama) twin of an EBT"}  # by model.kind
+
 
 def _data_line(cfg: RunConfig) -> str:
     d = cfg.data
@@ -21,13 +23,15 @@ def _data_line(cfg: RunConfig) -> str:
 
 
 def model_card(model: PreTrainedModel, cfg: RunConfig, tokens: int, steps: int, metrics: dict[str, float]) -> str:
-    kind = "Energy-based transformer (EBT)" if cfg.model.kind == "ebt" else "Transformer++ (Llama) twin of an EBT"
+    kind = TITLES.get(cfg.model.kind, type(model).__name__)
     params = sum(p.numel() for p in model.parameters())
     results = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
-    imports = "import ebt  # registers the EBT with the Auto classes\n" if cfg.model.kind == "ebt" else ""
+    package = type(model).__module__.split(".")[0]
+    custom = package != "transformers"  # model code outside transformers: import it, or trust the folder's copy
+    imports = f"import {package}  # registers the model with the Auto classes\n" if custom else ""
     remote = (
-        "\nWithout the `ebt` package, add `trust_remote_code=True` (the model code ships in this folder).\n"
-        if cfg.model.kind == "ebt"
+        f"\nWithout the `{package}` package, add `trust_remote_code=True` (the model code ships in this folder).\n"
+        if custom
         else ""
     )
     return f"""---
