@@ -2,7 +2,8 @@
 
 Each command module exposes ``add_arguments(parser)`` and ``main(args) -> int``; modules are
 imported only when their command runs, so a missing optional extra (lm-eval) breaks only the
-command that needs it.
+command that needs it. A command raises ``eval.common.UsageError`` for a setting that cannot
+run: it is printed as ``error: ...`` and the exit status is 2, as for a flag argparse refuses.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from eval.common import UsageError
 
 COMMANDS = {
     "thinking": ("eval.thinking", "perplexity against thinking steps and samples (and a Transformer++ twin)"),
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"python -m eval {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
-    return int(module.main(command_parser.parse_args(argv[1:])) or 0)
+    args = command_parser.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ its ``LlamaForCausalLM`` twin from ``llama_twin_config``), with random weights a
 cost does not depend on what the weights have learnt.
 
 - training: one optimizer step (zero grads, loss, backward, clip 1.0, AdamW) of Transformer++,
-  EBT S1 (2 inner steps) and EBT S2 (3 inner steps), each EBT also the plain way
+  EBT S1 (2 inner steps) and EBT S2 (3 inner steps), the recipes of ``ebt.recipes``, each EBT also the plain way
   (``ebt.reference.plain_forward``: the doubled sequence recomputed at every inner step);
   tokens/s, peak memory and the ratio the FLOP count (``eval.flops``) predicts;
 - generation: time per new token (batch 1, greedy) of ``LlamaForCausalLM.generate`` with its
-  cache, cached EBT generation at several thinking steps, and uncached EBT generation, at
+  cache, cached EBT generation at several thinking steps (``--think-steps``, a list; every other
+  ``ThinkingConfig`` setting has its ``--think-<field>`` flag), and uncached EBT generation, at
   several context lengths.
 
 How it is measured, and why:
@@ -49,8 +50,11 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaForCausalLM
 
 from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
+from ebt.configuration_ebt import ThinkingConfig
+from ebt.recipes import recipe
 from ebt.reference import plain_forward
 
+from .common import UsageError, add_thinking_arguments, comma_list, flatten_unique, markdown_table, thinking_settings
 from .flops import Dims, Recipe, ebt_decode_flops, llama_decode_flops, train_step_flops
 
 T = TypeVar("T")
@@ -72,7 +76,7 @@ class Size:
 SIZES = {
     # The smoke test's: seconds on any machine.
     "micro": Size(layers=2, width=32, heads=2, context=16, batch=2, vocab=17, gen_contexts=(8,)),
-    # DESIGN.md §6: character-level tiny Shakespeare on 2 CPU cores.
+    # docs/design.md: character-level tiny Shakespeare on 2 CPU cores.
     "tiny": Size(layers=4, width=128, heads=4, context=64, batch=12, vocab=65, gen_contexts=(16, 64, 256)),
     # The paper's sizes (Table D.1), its context 256 and its GPT-NeoX tokenizer's vocabulary.
     "xxs": Size(layers=6, width=384, heads=6, context=256, batch=32, vocab=50277, gen_contexts=(64, 256, 1024)),
@@ -80,19 +84,12 @@ SIZES = {
 }
 DEFAULT_SIZES = {"cpu": ("tiny",), "cuda": ("xxs", "small")}
 
-# The two published recipes (DESIGN.md §3) as far as they change the cost of a step. S2 draws
-# 2 or 3 steps per batch; the benchmark times its dearer case, 3. Its replay buffer only changes
-# where the candidates start, not what a step computes.
-RECIPES = {
-    "S1": dict(
-        update_rule="probability", step_size=500.0, step_size_learnable=True, train_steps=2,
-        detach_between_steps=True, second_order="all", loss_on="all", step_embeddings=True,
-    ),
-    "S2": dict(
-        update_rule="probability", step_size=5.0, step_size_learnable=False, step_size_random_scale=2.0,
-        train_steps=3, detach_between_steps=False, second_order="last", loss_on="last",
-        langevin_noise=3.0, step_embeddings=False,
-    ),
+# The two published recipes (docs/design.md, ``ebt.recipes``) as far as they change the cost of a
+# step. S2 draws 2 or 3 steps per batch; the benchmark times its dearer case, 3, every step. Its
+# replay buffer only changes where the candidates start, not what a step computes.
+BENCH_RECIPES = {
+    "S1": recipe("s1"),
+    "S2": recipe("s2", train_steps=3, train_steps_max=None),
 }
 
 # The issue's targets (ratios measured in the same run).
@@ -219,7 +216,9 @@ class TrainStep:
     def resting_bytes(self) -> int:
         """Weights and optimizer state: what stays allocated between steps."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        state = sum(
+            t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        )
         return weights + state
 
     def peak_bytes(self, device: torch.device) -> int:
@@ -240,7 +239,7 @@ def ebt_config(size: Size, recipe: str, max_positions: int) -> EBTConfig:
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
         max_position_embeddings=max_positions,
-        **RECIPES[recipe],
+        **BENCH_RECIPES[recipe],
     )
 
 
@@ -249,7 +248,7 @@ def build_models(
 ) -> tuple[dict[str, EBTForCausalLM], LlamaForCausalLM]:
     """An EBT per recipe and the Transformer++ twin, seeded, on ``device`` in ``dtype``."""
     torch.manual_seed(0)
-    ebts = {name: EBTForCausalLM(ebt_config(size, name, max_positions)).to(device, dtype) for name in RECIPES}
+    ebts = {name: EBTForCausalLM(ebt_config(size, name, max_positions)).to(device, dtype) for name in BENCH_RECIPES}
     llama = LlamaForCausalLM(llama_twin_config(ebts["S1"].config)).to(device, dtype)
     return ebts, llama
 
@@ -302,12 +301,14 @@ def bench_generation(
     dtype: torch.dtype,
     warmup: int,
     repeats: int,
-    think_steps: list[int],
+    thinking: list[ThinkingConfig],
     uncached_steps: list[int],
     new_tokens: int,
     profile_ops: bool,
 ) -> dict:
-    """Per-token decoding time of Transformer++ and EBT (cached at every k, uncached), batch 1."""
+    """Per-token decoding time of Transformer++ and EBT, batch 1: cached at every setting of
+    ``thinking`` (they differ in their steps k), uncached at each of ``uncached_steps`` (the first
+    setting's other fields)."""
     ebts, llama = build_models(size, max(size.gen_contexts) + new_tokens + 1, device, dtype)
     ebt = ebts["S1"].eval()
     llama.eval()
@@ -316,12 +317,14 @@ def bench_generation(
     for length in size.gen_contexts:
         prompt = torch.randint(size.vocab, (1, length), device=device)
         mask = torch.ones_like(prompt)
-        options = {"llama": {}} | {f"cached k={k}": {"think_steps": k} for k in think_steps}
-        options |= {f"uncached k={k}": {"think_steps": k, "use_cache": False} for k in uncached_steps}
+        options = {"llama": {}} | {f"cached k={t.steps}": {"thinking": t} for t in thinking}
+        options |= {f"uncached k={k}": {"thinking": replace(thinking[0], steps=k), "use_cache": False} for k in uncached_steps}
 
-        def call(name: str, tokens: int) -> Callable[[], list[float]]:
-            model, kwargs = (ebt, {}) if name != "llama" else (
-                llama, {"attention_mask": mask, "do_sample": False, "use_cache": True, "pad_token_id": 0}
+        def call(name: str, tokens: int, prompt=prompt, mask=mask, options=options) -> Callable[[], list[float]]:
+            model, kwargs = (
+                (ebt, {})
+                if name != "llama"
+                else (llama, {"attention_mask": mask, "do_sample": False, "use_cache": True, "pad_token_id": 0})
             )
 
             def run() -> list[float]:
@@ -334,12 +337,15 @@ def bench_generation(
         samples = interleaved({name: call(name, new_tokens) for name in options}, warmup, repeats)
         rows = []
         for name, calls in samples.items():
-            k = options[name].get("think_steps")
+            think = options[name].get("thinking")
+            think = think.resolve(ebt.config) if think is not None else None
+            k = think.steps if think is not None else None
             cached = options[name].get("use_cache", True)
-            flops = llama_decode_flops(dims, length) if k is None else ebt_decode_flops(dims, length, k, cached)
+            flops = llama_decode_flops(dims, length) if k is None else ebt_decode_flops(dims, length, k, cached, think.samples)
             row = {
                 "name": name,
                 "think_steps": k,
+                "think_samples": think.samples if think is not None else None,
                 "cached": cached,
                 "first_token_s": statistics.median(c[0] for c in calls),
                 "per_token_s": statistics.median(t for c in calls for t in c[1:]),
@@ -369,8 +375,14 @@ def evaluate_targets(size_name: str, device: torch.device, result: dict) -> list
     def add(name: str, value: float, limit: float, at_most: bool, applies: bool) -> None:
         met = value <= limit if at_most else value >= limit
         targets.append(
-            {"size": size_name, "target": name, "value": value, "limit": ("<= " if at_most else ">= ") + f"{limit:g}",
-             "met": met, "applies": applies}
+            {
+                "size": size_name,
+                "target": name,
+                "value": value,
+                "limit": ("<= " if at_most else ">= ") + f"{limit:g}",
+                "met": met,
+                "applies": applies,
+            }
         )
 
     training = result.get("training")
@@ -378,7 +390,9 @@ def evaluate_targets(size_name: str, device: torch.device, result: dict) -> list
         rows = training["rows"]
         llama = _row(rows, "Transformer++")["median_s"]
         s1, s1_plain = _row(rows, "EBT S1")["median_s"], _row(rows, "EBT S1 plain")["median_s"]
-        add("EBT S1 step / Transformer++ step", s1 / llama, TRAIN_RATIO_MAX, True, size_name == "tiny" and device.type == "cpu")
+        add(
+            "EBT S1 step / Transformer++ step", s1 / llama, TRAIN_RATIO_MAX, True, size_name == "tiny" and device.type == "cpu"
+        )
         add("context reuse: plain / ours, S1 (2 steps)", s1_plain / s1, REUSE_SPEEDUP_MIN, False, True)
     generation = result.get("generation")
     if generation:
@@ -388,14 +402,24 @@ def evaluate_targets(size_name: str, device: torch.device, result: dict) -> list
             for row in rows:
                 k = row["think_steps"]
                 if row["cached"] and k is not None:
-                    add(f"cached k={k} / Transformer++ per token, context {ctx['context']}", row["per_token_s"] / llama,
-                        2 * k + 2, True, True)
+                    add(
+                        f"cached k={k} / Transformer++ per token, context {ctx['context']}",
+                        row["per_token_s"] / llama,
+                        2 * k + 2,
+                        True,
+                        True,
+                    )
             if ctx["context"] == CACHE_SPEEDUP_CONTEXT:
                 for row in rows:
                     cached = _row(rows, f"cached k={row['think_steps']}")
                     if not row["cached"] and cached is not None:
-                        add(f"uncached / cached per token, k={row['think_steps']}, context {ctx['context']}",
-                            row["per_token_s"] / cached["per_token_s"], CACHE_SPEEDUP_MIN, False, True)
+                        add(
+                            f"uncached / cached per token, k={row['think_steps']}, context {ctx['context']}",
+                            row["per_token_s"] / cached["per_token_s"],
+                            CACHE_SPEEDUP_MIN,
+                            False,
+                            True,
+                        )
     return targets
 
 
@@ -407,12 +431,6 @@ def _x(n: float) -> str:
     return f"{n:.2f}x"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def training_tables(training: dict) -> str:
     rows = training["rows"]
     llama = _row(rows, "Transformer++")
@@ -420,27 +438,56 @@ def training_tables(training: dict) -> str:
     for r in rows:
         if r["way"] == "plain":
             continue
-        main.append([
-            r["name"], str(r["inner_steps"] or "-"), f"{r['median_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}",
-            _mib(r["peak_bytes"]), _x(r["median_s"] / llama["median_s"]), _x(r["flops_per_token"] / llama["flops_per_token"]),
-            _x(r["peak_bytes"] / llama["peak_bytes"]),
-        ])
+        main.append(
+            [
+                r["name"],
+                str(r["inner_steps"] or "-"),
+                f"{r['median_s'] * 1e3:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                _mib(r["peak_bytes"]),
+                _x(r["median_s"] / llama["median_s"]),
+                _x(r["flops_per_token"] / llama["flops_per_token"]),
+                _x(r["peak_bytes"] / llama["peak_bytes"]),
+            ]
+        )
     reuse = []
     for r in rows:
         if r["way"] != "ebt":
             continue
         plain = _row(rows, r["name"] + " plain")
-        reuse.append([
-            r["recipe"], str(r["inner_steps"]), f"{r['median_s'] * 1e3:.1f}", f"{plain['median_s'] * 1e3:.1f}",
-            _x(plain["median_s"] / r["median_s"]), _x(plain["flops_per_token"] / r["flops_per_token"]),
-            _mib(r["peak_bytes"]), _mib(plain["peak_bytes"]), _x(plain["flops_per_token"] / llama["flops_per_token"]),
-        ])
+        reuse.append(
+            [
+                r["recipe"],
+                str(r["inner_steps"]),
+                f"{r['median_s'] * 1e3:.1f}",
+                f"{plain['median_s'] * 1e3:.1f}",
+                _x(plain["median_s"] / r["median_s"]),
+                _x(plain["flops_per_token"] / r["flops_per_token"]),
+                _mib(r["peak_bytes"]),
+                _mib(plain["peak_bytes"]),
+                _x(plain["flops_per_token"] / llama["flops_per_token"]),
+            ]
+        )
     return (
         f"Training step ({training['tokens_per_step']} tokens)\n\n"
-        + _table(["model", "inner steps", "ms/step", "tokens/s", "peak MiB", "time vs T++", "FLOPs vs T++", "memory vs T++"], main)
+        + markdown_table(
+            ["model", "inner steps", "ms/step", "tokens/s", "peak MiB", "time vs T++", "FLOPs vs T++", "memory vs T++"], main
+        )
         + "\n\nContext reuse: the same EBT step, ours against the plain doubled sequence\n\n"
-        + _table(["recipe", "inner steps", "ours ms", "plain ms", "speed-up", "FLOP-predicted", "ours MiB", "plain MiB",
-                  "plain FLOPs vs T++"], reuse)
+        + markdown_table(
+            [
+                "recipe",
+                "inner steps",
+                "ours ms",
+                "plain ms",
+                "speed-up",
+                "FLOP-predicted",
+                "ours MiB",
+                "plain MiB",
+                "plain FLOPs vs T++",
+            ],
+            reuse,
+        )
     )
 
 
@@ -458,16 +505,22 @@ def generation_table(generation: dict) -> str:
     header = ["context"] + [("T++" if n == "llama" else "EBT " + n) + " ms/token" for n in names]
     return (
         f"Generation, batch 1, greedy, {generation['new_tokens']} new tokens: median ms between two new tokens "
-        "(in brackets: times Transformer++)\n\n" + _table(header, rows)
+        "(in brackets: times Transformer++)\n\n" + markdown_table(header, rows)
     )
 
 
 def targets_table(targets: list[dict]) -> str:
     rows = [
-        [t["size"], t["target"], f"{t['value']:.2f}", t["limit"], ("met" if t["met"] else "MISSED") + ("" if t["applies"] else " (n/a)")]
+        [
+            t["size"],
+            t["target"],
+            f"{t['value']:.2f}",
+            t["limit"],
+            ("met" if t["met"] else "MISSED") + ("" if t["applies"] else " (n/a)"),
+        ]
         for t in targets
     ]
-    return "Targets\n\n" + _table(["size", "target", "measured", "target", "result"], rows)
+    return "Targets\n\n" + markdown_table(["size", "target", "measured", "target", "result"], rows)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -496,29 +549,40 @@ def machine_info(device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+SWEEP = ("steps",)  # cached generation is timed at every --think-steps; the other settings are fixed
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="default: tiny on CPU; xxs and small on CUDA")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--batch", type=int, help="training sequences per step, for every size (default: the size's)")
-    parser.add_argument("--contexts", type=int, nargs="+", help="generation prompt lengths, for every size (default: the size's)")
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", help="generation prompt lengths, for every size (default: the size's)"
+    )
     parser.add_argument("--sections", nargs="+", choices=("training", "generation"), default=["training", "generation"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
-    parser.add_argument("--think-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="cached generation (default 1 2 4 8)")
-    parser.add_argument("--uncached-steps", type=int, nargs="*", default=[2], help="uncached generation (default 2)")
+    parser.add_argument(
+        "--uncached-steps",
+        type=comma_list(int, minimum=0),
+        nargs="*",
+        default=[[2]],
+        help="uncached generation: thinking steps (default 2)",
+    )
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens per timed generation, >= 2 (default 16)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also record each candidate's top operators (torch.profiler)")
     parser.add_argument("--output", default="bench.json", help="JSON results (default bench.json)")
+    add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 4, 8]})
 
 
 def main(args: argparse.Namespace) -> int:
     if args.new_tokens < 2:
-        raise SystemExit("--new-tokens must be >= 2: the first token includes the prompt's prefill.")
+        raise UsageError("--new-tokens must be >= 2: the first token includes the prompt's prefill.")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available to torch here.")
+        raise UsageError("--device cuda: no CUDA device is available to torch here.")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -530,9 +594,13 @@ def main(args: argparse.Namespace) -> int:
         "sizes": {},
         "targets": [],
     }
-    print(f"bench on {report['machine']['gpu'] if device.type == 'cuda' else report['machine']['cpu']}, "
-          f"{dtype}, {torch.get_num_threads()} threads, load average {report['load_average_start'][0]:.2f}\n")
-    overrides = ({"batch": args.batch} if args.batch else {}) | ({"gen_contexts": tuple(args.contexts)} if args.contexts else {})
+    print(
+        f"bench on {report['machine']['gpu'] if device.type == 'cuda' else report['machine']['cpu']}, "
+        f"{dtype}, {torch.get_num_threads()} threads, load average {report['load_average_start'][0]:.2f}\n"
+    )
+    overrides = ({"batch": args.batch} if args.batch else {}) | (
+        {"gen_contexts": tuple(args.contexts)} if args.contexts else {}
+    )
     for name in sizes:
         size = replace(SIZES[name], **overrides)
         result: dict = {"dims": asdict(size)}
@@ -542,8 +610,15 @@ def main(args: argparse.Namespace) -> int:
             print(training_tables(result["training"]) + "\n")
         if "generation" in args.sections:
             result["generation"] = bench_generation(
-                size, device, dtype, args.warmup, args.repeats, args.think_steps, args.uncached_steps,
-                args.new_tokens, args.profile,
+                size,
+                device,
+                dtype,
+                args.warmup,
+                args.repeats,
+                thinking_settings(args),
+                flatten_unique(args.uncached_steps),
+                args.new_tokens,
+                args.profile,
             )
             print(generation_table(result["generation"]) + "\n")
         report["sizes"][name] = result

@@ -43,10 +43,12 @@ EBT step ``sum over steps of (6 or 2) X_dense + (9 or 3) X_attention``. This cou
 
 Generation (one new token at context T, batch 1): Transformer++ runs one token through N layers
 (``N block(T) + 2 D V``); cached EBT appends the token to the context (``(N-1) block(T) + 6 D^2``)
-and runs one candidate for k steps (forward and inner gradient, 2x each) plus the final energy
-(1x): ``(2k + 1) (2 V D + N block(T + 1) + 2 D)``. Hence the ``2k + 2`` times Transformer++ that
-the latency target allows. Uncached EBT generation runs the context stream over all T + 1
-tokens again instead of appending one.
+and runs one candidate per random start for k steps (forward and inner gradient, 1x each):
+``2k (2 V D + N block(T + 1) + 2 D)`` per start, plus one more forward (1x) when the final
+energies are needed: returned (``generate(return_dict_in_generate=True)``) or choosing between
+several starts; plain one-start ``generate`` skips it.
+Hence the ``2k + 2`` times Transformer++ that the latency target (one start) allows. Uncached
+EBT generation runs the context stream over all T + 1 tokens again instead of appending one.
 
 The paper estimates one optimisation step at about 3.33x a Transformer++ step and the 2-step
 S1 recipe at 6.66x (sequence doubled, no reuse); ``train_step_flops`` gives the same quantities
@@ -150,13 +152,19 @@ def llama_decode_flops(d: Dims, context: int) -> float:
     return d.layers * (d.dense() + d.attention(context + 1)) + 2 * d.width * d.vocab
 
 
-def ebt_decode_flops(d: Dims, context: int, steps: int, cached: bool = True) -> float:
-    """One generated token of EBT generation with ``steps`` thinking steps.
+def ebt_decode_flops(
+    d: Dims, context: int, steps: int, cached: bool = True, samples: int = 1, final_energy: bool = False
+) -> float:
+    """One generated token of EBT generation with ``steps`` thinking steps from ``samples`` starts.
 
-    Cached: the new token joins the context stream; uncached: the whole prefix runs again.
+    Cached: the new token joins the context stream; uncached: the whole prefix runs again. The
+    context stream runs once whatever the samples; each start runs its own candidate, 2 passes
+    per step (forward, inner gradient), plus the final energy's pass if ``final_energy`` or if
+    several starts must be compared by it.
     """
+    final_energy = final_energy or samples > 1
     if cached:
         encode = (d.layers - 1) * (d.dense() + d.attention(context + 1)) + 6 * d.width**2
     else:
         encode = (context + 1) * context_forward(d, context + 1)
-    return encode + (2 * steps + 1) * candidate_forward(d, context + 1)
+    return encode + samples * (2 * steps + int(final_energy)) * candidate_forward(d, context + 1)

@@ -1,44 +1,36 @@
 """``python -m eval harness``: lm-evaluation-harness tasks swept over thinking settings, one table.
 
     python -m eval harness --model runs/default/final --tasks ebt_reasoning_mc,ebt_text_ppl \\
-        --text-file ../shared/data/tinyshakespeare.txt --think-steps 1,2,4 --limit 200
+        --text-file data/tinyshakespeare.txt --think-steps 1,2,4 --limit 200
 
 The model is loaded once as the ``ebt`` lm-eval model (``eval.lm_eval_ebt``) and every task is
-evaluated at every (steps, samples) setting; the table has one row per task and metric and one
-column per setting. The project's local tasks (``eval/tasks``: ``ebt_<task>``, ``ebt_<task>_mc``,
-the tags ``ebt_reasoning`` / ``ebt_reasoning_mc``, and ``ebt_text_ppl``) need no Hub; lm-eval's
-built-in task index is only read when a task is not found locally, because reading it takes
-tens of seconds on a small machine.
+evaluated at every (steps, samples) setting (``--think-steps``/``--think-samples``, comma lists);
+every other ``ThinkingConfig`` setting has its ``--think-<field>`` flag too and is the same in
+every column. The table has one row per task and metric and one column per setting. The
+project's local tasks (``eval/tasks``: ``ebt_<task>``, ``ebt_<task>_mc``, the tags
+``ebt_reasoning`` / ``ebt_reasoning_mc``, and ``ebt_text_ppl``) need no Hub; lm-eval's built-in
+task index is only read when a task is not found locally, because reading it takes tens of
+seconds on a small machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 from typing import Any
 
+from eval.common import add_thinking_arguments, given_settings, markdown_table, setting_label, thinking_settings
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
-    return values
+SWEEP = ("steps", "samples")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (e.g. OUTPUT/final) or Hub name")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, tags or groups")
-    parser.add_argument("--think-steps", type=_int_list, default=[None], help="e.g. 1,2,4 (default: the checkpoint's)")
-    parser.add_argument("--think-samples", type=_int_list, default=[None], help="random starts, e.g. 1,4 (default: the checkpoint's)")
-    parser.add_argument("--think-tolerance", type=float, default=None, help="adaptive thinking: stop a position once a step gains less")
-    parser.add_argument("--think-seed", type=int, default=None, help="seed of the random starts (default: the checkpoint's)")
     parser.add_argument("--text-file", default=None, help="local text file of ebt_text_ppl (one document per paragraph)")
     parser.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -46,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--include-path", action="append", default=[], help="more task folders (repeatable)")
     parser.add_argument("--output", type=Path, default=None, help="write the table and every result to this JSON file")
+    add_thinking_arguments(parser, sweep=SWEEP)
 
 
 def task_manager(tasks: list[str], include_paths: list[str], metadata: dict[str, Any]):
@@ -57,11 +50,6 @@ def task_manager(tasks: list[str], include_paths: list[str], metadata: dict[str,
     if all(local.match_tasks([name]) for name in tasks):
         return local
     return TaskManager(include_path=paths, metadata=metadata)
-
-
-def setting_label(steps: int | None, samples: int | None) -> str:
-    parts = [f"steps={steps}" if steps is not None else "", f"samples={samples}" if samples is not None else ""]
-    return ", ".join(p for p in parts if p) or "checkpoint default"
 
 
 def metric_rows(results: dict) -> dict[tuple[str, str], float]:
@@ -79,14 +67,14 @@ def metric_rows(results: dict) -> dict[tuple[str, str], float]:
     return rows
 
 
-def markdown_table(columns: dict[str, dict[tuple[str, str], float]]) -> str:
+def results_table(columns: dict[str, dict[tuple[str, str], float]]) -> str:
     """Rows task x metric, one column per thinking setting."""
     keys = sorted({k for rows in columns.values() for k in rows})
-    lines = ["| task | metric | " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * len(columns)]
-    for task, metric in keys:
-        cells = [f"{rows[(task, metric)]:.4g}" if (task, metric) in rows else "" for rows in columns.values()]
-        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [task, metric, *(f"{c[(task, metric)]:.4g}" if (task, metric) in c else "" for c in columns.values())]
+        for task, metric in keys
+    ]
+    return markdown_table(["task", "metric", *columns], rows, right=range(2, 2 + len(columns)))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,22 +86,21 @@ def main(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     metadata = {"text_file": args.text_file} if args.text_file else {}
     manager = task_manager(tasks, args.include_path, metadata)
-    lm = EBTLM(
-        pretrained=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, think_tolerance=args.think_tolerance,
-        think_seed=args.think_seed,
-    )
+    settings = thinking_settings(args)
+    lm = EBTLM(pretrained=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
     columns, raw = {}, {}
-    for steps, samples in itertools.product(args.think_steps, args.think_samples):
-        lm.set_thinking(think_steps=steps, think_samples=samples)
+    for thinking in settings:
+        lm.thinking = thinking
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit, log_samples=False)
-        label = setting_label(steps, samples)
+        label = setting_label(thinking, SWEEP)
         columns[label] = metric_rows(results)
         raw[label] = {k: results[k] for k in ("results", "higher_is_better", "n-samples") if k in results}
-    table = markdown_table(columns)
+    table = results_table(columns)
     print(f"\n{args.model}: {', '.join(tasks)}" + (f" (limit {args.limit:g})" if args.limit else "") + "\n")
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        report = {"model": args.model, "tasks": tasks, "limit": args.limit, "table": table, "results": raw}
+        fixed = {k: v for k, v in given_settings(settings[0]).items() if k not in SWEEP}
+        report = {"model": args.model, "tasks": tasks, "limit": args.limit, "thinking": fixed, "table": table, "results": raw}
         args.output.write_text(json.dumps(report, indent=2, default=handle_non_serializable, ensure_ascii=False))
     return 0

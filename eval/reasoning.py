@@ -23,30 +23,24 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from ebt.tasks import TASK_NAMES, check_answer, make_task
-
-SPLITS = ("train", "validation", "test", "harder")
-
-
-@dataclass
-class Checkpoint:
-    """A loaded model folder. ``is_ebt`` decides whether thinking settings apply."""
-
-    label: str
-    path: str
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-
-    @property
-    def is_ebt(self) -> bool:
-        return self.model.config.model_type == "ebt"
+from ebt.configuration_ebt import ThinkingConfig
+from ebt.tasks import SPLITS, TASK_NAMES, check_answer, make_task
+from eval.common import (
+    Checkpoint,
+    UsageError,
+    add_thinking_arguments,
+    comma_list,
+    given_settings,
+    load_checkpoint,
+    markdown_table,
+    thinking_settings,
+)
 
 
 class Generated(NamedTuple):
@@ -56,19 +50,12 @@ class Generated(NamedTuple):
     finished: bool
 
 
-def load(path: str, label: str | None = None) -> Checkpoint:
+def load(path: str, flag: str = "--model") -> Checkpoint:
     """Model + tokenizer from a saved folder (EBT or Llama, told apart by ``config.model_type``)."""
-    import ebt  # noqa: F401  (registers the "ebt" model type with the Auto classes)
-
-    if not Path(path, "config.json").is_file():
-        raise ValueError(f"{path} is not a model folder (no config.json); pass e.g. runs/NAME/final")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer in {path} has no EOS token: answers could not be told where to stop")
-    if label is None:
-        label = "EBT" if model.config.model_type == "ebt" else "Transformer++"
-    return Checkpoint(label=label, path=path, model=model, tokenizer=tokenizer)
+    checkpoint = load_checkpoint(path, flag=flag)
+    if checkpoint.tokenizer.eos_token_id is None:
+        raise UsageError(f"the tokenizer in {path} has no EOS token: answers could not be told where to stop")
+    return checkpoint
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
@@ -77,7 +64,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> li
     unk = tokenizer.unk_token_id
     for prompt, row in zip(prompts, ids):
         if unk is not None and unk in row:
-            raise ValueError(
+            raise UsageError(
                 f"the tokenizer maps part of the prompt {prompt!r} to {tokenizer.unk_token!r}: "
                 "the model was not trained on this task's characters (wrong --task or --model?)"
             )
@@ -90,20 +77,21 @@ def greedy_answers(
     *,
     max_new_tokens: int,
     batch_size: int,
-    think_steps: int | None = None,
-    think_samples: int | None = None,
+    thinking: ThinkingConfig | None = None,
 ) -> list[Generated]:
     """Greedy answers to ``prompts``, batched with left padding (prompts of similar length together).
 
-    ``think_steps``/``think_samples`` go to the EBT's ``generate``; they must be None for a
-    model without thinking.
+    ``thinking`` goes to the EBT's ``generate``; it must be None for a model without thinking.
+    The length limit is passed as ``max_length`` (prompt width + ``max_new_tokens``), the
+    quantity a checkpoint's generation config also sets: passing ``max_new_tokens`` next to it
+    would make ``transformers`` warn on every call that both are set.
     """
     model, tok = checkpoint.model, checkpoint.tokenizer
     think = {}
-    if think_steps is not None or think_samples is not None:
+    if thinking is not None:
         if not checkpoint.is_ebt:
-            raise ValueError(f"{checkpoint.path} is not an EBT: thinking settings do not apply to it")
-        think = {"think_steps": think_steps, "think_samples": think_samples}
+            raise UsageError(f"{checkpoint.path} is not an EBT: thinking settings do not apply to it")
+        think = {"thinking": thinking}
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     encoded = encode_prompts(tok, prompts)
@@ -118,7 +106,7 @@ def greedy_answers(
             out = model.generate(
                 input_ids,
                 attention_mask=mask,
-                max_new_tokens=max_new_tokens,
+                max_length=width + max_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=pad,
@@ -145,18 +133,17 @@ def evaluate(
     task: str,
     split: str,
     data: dict[str, list],
-    settings: list[tuple[int, int]],
+    settings: list[ThinkingConfig],
     batch_size: int,
 ) -> list[dict]:
     """One result row per thinking setting (EBT) or a single row (a model that cannot think)."""
     prompts = data["prompt"]
     budget = answer_budget(checkpoint.tokenizer, data["answer"])
     rows = []
-    for steps, samples in settings if checkpoint.is_ebt else [(None, None)]:
+    for thinking in settings if checkpoint.is_ebt else [None]:
+        steps, samples = (thinking.steps, thinking.samples) if thinking is not None else (None, None)
         t0 = time.perf_counter()
-        answers = greedy_answers(
-            checkpoint, prompts, max_new_tokens=budget, batch_size=batch_size, think_steps=steps, think_samples=samples
-        )
+        answers = greedy_answers(checkpoint, prompts, max_new_tokens=budget, batch_size=batch_size, thinking=thinking)
         correct = score(task, prompts, answers)
         by_level: dict[int, list[bool]] = {}
         for level, ok in zip(data["difficulty"], correct):
@@ -170,7 +157,7 @@ def evaluate(
                 "steps": steps,
                 "samples": samples,
                 # energy passes per generated token: each step is one forward + backward, plus the final energy
-                "energy_passes": samples * (2 * steps + 1) if steps else None,
+                "energy_passes": samples * (2 * steps + 1) if steps is not None and samples is not None else None,
                 "accuracy": sum(correct) / len(correct),
                 "correct": sum(correct),
                 "total": len(correct),
@@ -180,87 +167,67 @@ def evaluate(
                 "no_eos": [i for i, a in enumerate(answers) if not a.finished],  # these count as wrong
             }
         )
-        tag = f"steps={steps} samples={samples}" if steps else "one pass"
+        tag = f"steps={steps} samples={samples}" if thinking is not None else "one pass"
         print(f"{task} {split} {checkpoint.label} {tag}: {rows[-1]['accuracy']:.1%}", file=sys.stderr)
     return rows
 
 
-def markdown_table(results: list[dict]) -> str:
+def results_table(results: list[dict]) -> str:
     """Accuracy (%) per split as columns; one row per task, model and thinking setting."""
     splits = list(dict.fromkeys(r["split"] for r in results))
     cells: dict[tuple, dict[str, float]] = {}
     for r in results:
         cells.setdefault((r["task"], r["model"], r["steps"], r["samples"], r["energy_passes"]), {})[r["split"]] = r["accuracy"]
-    head = ["task", "model", "steps", "samples", "energy passes / token"] + [f"{s} acc. (%)" for s in splits]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (task, model, steps, samples, passes), acc in cells.items():
-        keys = [task, model] + ["-" if v is None else str(v) for v in (steps, samples, passes)]
-        values = [f"{100 * acc[s]:.1f}" if s in acc else "" for s in splits]
-        lines.append("| " + " | ".join(keys + values) + " |")
-    return "\n".join(lines)
+    header = ["task", "model", "steps", "samples", "energy passes / token"] + [f"{s} acc. (%)" for s in splits]
+    rows = [[*keys, *(f"{100 * acc[s]:.1f}" if s in acc else "" for s in splits)] for keys, acc in cells.items()]
+    return markdown_table(header, rows, right=range(2, len(header)))
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one value")
-        return values
-
-    return parse
-
-
-def _positive_ints(text: str) -> list[int]:
-    values = _csv(int)(text)
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
-    return values
+SWEEP = ("steps", "samples")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (EBT or Llama); may contain {task}")
     parser.add_argument("--twin", help="a Transformer++ (or any second) model folder; may contain {task}")
-    parser.add_argument("--task", type=_csv(str), required=True, help=f"task(s), comma-separated: {', '.join(TASK_NAMES)}")
-    parser.add_argument("--split", type=_csv(str), default=["test", "harder"], help="split(s), comma-separated (default test,harder)")
-    parser.add_argument("--steps", type=_positive_ints, default=[1, 2, 4, 8], help="EBT thinking steps to sweep (default 1,2,4,8)")
-    parser.add_argument("--samples", type=_positive_ints, default=[1, 2, 4], help="EBT random starts to sweep (default 1,2,4)")
+    parser.add_argument(
+        "--task", type=comma_list(str), required=True, help=f"task(s), comma-separated: {', '.join(TASK_NAMES)}"
+    )
+    parser.add_argument(
+        "--split", type=comma_list(str), default=["test", "harder"], help="split(s), comma-separated (default test,harder)"
+    )
     parser.add_argument("--num-examples", type=int, default=500, help="problems per split (default 500)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation problems (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the evaluation problems (default 0); thinking's is --think-seed"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per generate() call (default 128)")
     parser.add_argument("--output", help="write every result row (with all answers) to this JSON file")
+    add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 4, 8], "samples": [1, 2, 4]})
 
 
 def main(args: argparse.Namespace) -> int:
     bad = [t for t in args.task if t not in TASK_NAMES] + [s for s in args.split if s not in SPLITS]
     if bad:
-        print(f"error: unknown task/split {bad}; tasks: {', '.join(TASK_NAMES)}; splits: {', '.join(SPLITS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown task/split {bad}; tasks: {', '.join(TASK_NAMES)}; splits: {', '.join(SPLITS)}")
     if args.num_examples < 1 or args.batch_size < 1:
-        print("error: --num-examples and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    settings = [(steps, samples) for steps in args.steps for samples in args.samples]
+        raise UsageError("--num-examples and --batch-size must be >= 1")
+    settings = thinking_settings(args)
     results: list[dict] = []
-    try:
-        for task in args.task:
-            checkpoints = [load(args.model.replace("{task}", task))]
-            if args.twin:
-                twin = load(args.twin.replace("{task}", task))
-                if twin.label == checkpoints[0].label:
-                    twin.label += " (--twin)"
-                checkpoints.append(twin)
-            for split in args.split:
-                data = make_task(task, split, args.num_examples, seed=args.seed).to_dict()
-                for checkpoint in checkpoints:
-                    results += evaluate(checkpoint, task, split, data, settings, args.batch_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    table = markdown_table(results)
+    for task in args.task:
+        checkpoints = [load(args.model.replace("{task}", task))]
+        if args.twin:
+            twin = load(args.twin.replace("{task}", task), flag="--twin")
+            if twin.label == checkpoints[0].label:
+                twin.label += " (--twin)"
+            checkpoints.append(twin)
+        for split in args.split:
+            data = make_task(task, split, args.num_examples, seed=args.seed).to_dict()
+            for checkpoint in checkpoints:
+                results += evaluate(checkpoint, task, split, data, settings, args.batch_size)
+    table = results_table(results)
     print(table)
     if args.output:
-        meta = {"num_examples": args.num_examples, "seed": args.seed, "command": " ".join(sys.argv)}
+        fixed = {k: v for k, v in given_settings(settings[0]).items() if k not in SWEEP}
+        meta = {"num_examples": args.num_examples, "seed": args.seed, "thinking": fixed, "command": " ".join(sys.argv)}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({**meta, "table": table, "results": results}, indent=1))
     return 0

@@ -9,12 +9,12 @@ the same windows once: one forward per token, no knob to turn, so it is a flat l
 With ``--ood-data`` the same is done on a second text, and the per-window mean energy is scored
 as an out-of-distribution detector (AUROC, OOD = positive). For every setting the per-token
 energy/loss correlation is reported too (energy as uncertainty), for the raw final energy and for
-the energy relative to the uniform candidate on the same context (see ``ebt.uncertainty``). All numbers go through the
+the energy relative to the uniform candidate on the same context (see ``eval.uncertainty``). All numbers go through the
 local ``evaluate`` modules in ``eval/metrics``; a JSON record and a PNG plot are written.
 
     python -m eval thinking --model runs/shakespeare_char_ebt_s2/final \\
-        --twin runs/shakespeare_char_llama/final --data ../shared/data/tinyshakespeare.txt \\
-        --val-fraction 0.1 --ood-data ../shared/data/wikitext2-valid.txt \\
+        --twin runs/shakespeare_char_llama/final --data data/tinyshakespeare.txt \\
+        --val-fraction 0.1 --ood-data data/wikitext2-valid.txt \\
         --steps 1,2,3,6,9,12 --samples 1,2,4,8 --output results/thinking.json
 """
 
@@ -27,31 +27,37 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ebt.configuration_ebt import ThinkingConfig
+from eval.common import (
+    UsageError,
+    add_thinking_arguments,
+    given_settings,
+    load_checkpoint,
+    markdown_table,
+    thinking_settings,
+)
 from eval.metrics import load as load_metric
+from eval.uncertainty import score_tokens
+
+SWEEP = ("steps", "samples")
 
 
-class UsageError(ValueError):
-    """A setting that cannot run; printed as ``error: ...`` with exit status 2."""
-
-
-def _count_list(text: str) -> list[int]:
-    """``"1,2,4"`` -> [1, 2, 4]; every count must be an integer >= 1."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be an integer >= 1")
-    return sorted(set(values))
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="EBT checkpoint folder (with its tokenizer)")
+    parser.add_argument("--data", required=True, help="text file scored in distribution")
+    parser.add_argument(
+        "--val-fraction", type=_positive, default=1.0,
+        help="score only the last FRACTION of --data's tokens (tiny Shakespeare's validation split: 0.1)",
+    )  # fmt: skip
+    parser.add_argument("--ood-data", help="a second text file, out of distribution: same curve, plus energy AUROC")
+    parser.add_argument("--twin", help="Transformer++ checkpoint with the same tokenizer: its perplexity is the flat line")
+    parser.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens scored per file (whole windows from its start)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward")
+    parser.add_argument("--output", default="results/thinking.json", help="JSON record; the plot goes beside it (.png)")
+    add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 3, 4, 6, 8, 12, 16], "samples": [1, 2, 4, 8]})
 
 
 def _positive(text: str) -> float:
@@ -61,48 +67,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="EBT checkpoint folder (with its tokenizer)")
-    parser.add_argument("--data", required=True, help="text file scored in distribution")
-    parser.add_argument(
-        "--val-fraction", type=_positive, default=1.0,
-        help="score only the last FRACTION of --data's tokens (tiny Shakespeare's validation split: 0.1)",
-    )
-    parser.add_argument("--ood-data", help="a second text file, out of distribution: same curve, plus energy AUROC")
-    parser.add_argument("--twin", help="Transformer++ checkpoint with the same tokenizer: its perplexity is the flat line")
-    parser.add_argument("--steps", type=_count_list, default=[1, 2, 3, 4, 6, 8, 12, 16], help="thinking steps, e.g. 1,2,4")
-    parser.add_argument("--samples", type=_count_list, default=[1, 2, 4, 8], help="random starts (best of N), e.g. 1,2,4,8")
-    parser.add_argument("--step-size", type=_positive, default=None, help="alpha (default: the model's)")
-    parser.add_argument("--noise", type=_non_negative, default=0.0, help="Langevin noise sigma at inference")
-    parser.add_argument("--temperature", type=_non_negative, default=1.0, help="Langevin temperature (noise std x sqrt(T))")
-    parser.add_argument("--tolerance", type=_non_negative, default=None, help="adaptive: stop a position once its energy falls less")
-    parser.add_argument("--accept-decrease", action="store_true", help="keep a step only if it lowers the energy")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random starts and noise (default: the model's)")
-    parser.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens scored per file (whole windows from its start)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward")
-    parser.add_argument("--output", default="results/thinking.json", help="JSON record; the plot goes beside it (.png)")
-
-
 # ------------------------------------------------------------------------------------------ data
-
-
-def load_checkpoint(path: str, want_ebt: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer of a folder, refusing the wrong kind with a message that says what to pass."""
-    import ebt  # noqa: F401  (registers the "ebt" model type with the Auto classes)
-
-    if not Path(path, "config.json").is_file():
-        raise UsageError(f"{path} is not a model folder (no config.json); pass e.g. runs/NAME/final")
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if want_ebt and model_type != "ebt":
-        raise UsageError(
-            f"--model {path} is a {model_type!r} checkpoint, not an EBT: thinking needs an energy-based model. "
-            "Pass a Transformer++ checkpoint as --twin."
-        )
-    if not want_ebt and model_type == "ebt":
-        raise UsageError(f"--twin {path} is an EBT; --twin takes the Transformer++ (e.g. llama) checkpoint to compare with.")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 def windows(tokenizer: PreTrainedTokenizerBase, path: str, block: int, max_tokens: int, tail: float = 1.0) -> torch.Tensor:
@@ -120,11 +85,9 @@ def windows(tokenizer: PreTrainedTokenizerBase, path: str, block: int, max_token
 # ------------------------------------------------------------------------------------ scoring
 
 
-def score_ebt(model: PreTrainedModel, data: torch.Tensor, batch_size: int, think: dict) -> dict:
+def score_ebt(model: PreTrainedModel, data: torch.Tensor, batch_size: int, thinking: ThinkingConfig) -> dict:
     """Per-token energy/NLL of every window under one thinking setting, plus its metrics."""
-    from ebt.uncertainty import score_tokens
-
-    scores = [score_tokens(model, batch, **think) for batch in data.split(batch_size)]
+    scores = [score_tokens(model, batch, thinking) for batch in data.split(batch_size)]
     energy = torch.cat([s.energy for s in scores])  # (N, block - 1)
     relative = torch.cat([s.relative_energy for s in scores])
     nll = torch.cat([s.nll for s in scores])
@@ -158,7 +121,12 @@ def score_twin(model: PreTrainedModel, data: torch.Tensor, batch_size: int) -> d
             nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
             sums += nll.view(len(batch), -1).sum(1).tolist()
     ppl = load_metric("perplexity").compute(nll_sum=sums, token_count=[data.shape[1] - 1] * len(sums))
-    return {"perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"], "tokens": ppl["tokens"], "function_evaluations": 1}
+    return {
+        "perplexity": ppl["perplexity"],
+        "nll_per_token": ppl["nll_per_token"],
+        "tokens": ppl["tokens"],
+        "function_evaluations": 1,
+    }
 
 
 def _ood_auroc(metric, in_dist: dict, out_dist: dict) -> dict:
@@ -187,10 +155,21 @@ def plot(record: dict, path: Path) -> None:
         rows = [r for r in record["ebt"] if r["dataset"] == name]
         for samples in sorted({r["samples"] for r in rows}):
             line = sorted((r for r in rows if r["samples"] == samples), key=lambda r: r["steps"])
-            ax.plot([r["function_evaluations"] for r in line], [r["perplexity"] for r in line], "o-", label=f"EBT best of {samples}")
+            ax.plot(
+                [r["function_evaluations"] for r in line],
+                [r["perplexity"] for r in line],
+                "o-",
+                label=f"EBT best of {samples}",
+            )
             if samples == 1:
                 for r in line:
-                    ax.annotate(str(r["steps"]), (r["function_evaluations"], r["perplexity"]), textcoords="offset points", xytext=(3, 4), fontsize=8)
+                    ax.annotate(
+                        str(r["steps"]),
+                        (r["function_evaluations"], r["perplexity"]),
+                        textcoords="offset points",
+                        xytext=(3, 4),
+                        fontsize=8,
+                    )
         if name in record["twin"]:
             ax.axhline(record["twin"][name]["perplexity"], color="k", linestyle="--", label="Transformer++ (1 FE)")
         ax.set_xscale("log", base=2)
@@ -204,25 +183,42 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _table(record: dict) -> str:
-    lines = ["dataset  steps  samples     FE  perplexity  steps_taken  spearman(E, loss)  spearman(E-E_unif, loss)"]
-    for r in record["ebt"]:
-        lines.append(
-            f"{r['dataset']:<8} {r['steps']:>5} {r['samples']:>8} {r['function_evaluations']:>6} {r['perplexity']:>11.4f}"
-            f" {r['mean_steps_taken']:>12.2f} {r['energy_loss_spearman']:>18.3f} {r['relative_energy_loss_spearman']:>25.3f}"
+def tables(record: dict) -> str:
+    """The record as markdown: one row per (dataset, setting), the twin's rows, the OOD AUROCs."""
+    rows = [
+        [r["dataset"], r["steps"], r["samples"], r["function_evaluations"], f"{r['perplexity']:.4f}",
+         f"{r['mean_steps_taken']:.2f}", f"{r['energy_loss_spearman']:.3f}", f"{r['relative_energy_loss_spearman']:.3f}"]
+        for r in record["ebt"]
+    ]  # fmt: skip
+    rows += [
+        [name, "Transformer++ twin", "", t["function_evaluations"], f"{t['perplexity']:.4f}", "", "", ""]
+        for name, t in record["twin"].items()
+    ]
+    header = [
+        "dataset",
+        "steps",
+        "samples",
+        "FE / token",
+        "perplexity",
+        "steps taken",
+        "spearman(E, loss)",
+        "spearman(E - E_unif, loss)",
+    ]
+    text = markdown_table(header, rows, right=range(1, 8))
+    if record["auroc"]:
+        auroc = [
+            [r["steps"], r["samples"], f"{r['auroc_energy']:.3f}", f"{r['auroc_relative_energy']:.3f}"]
+            for r in record["auroc"]
+        ]
+        text += "\n\nOOD AUROC of mean window energy\n\n" + markdown_table(
+            ["steps", "samples", "raw energy", "relative energy"], auroc, right=range(4)
         )
-    for name, t in record["twin"].items():
-        lines.append(f"{name:<8} Transformer++ twin   {t['function_evaluations']:>6} {t['perplexity']:>11.4f}")
-    for r in record["auroc"]:
-        lines.append(
-            f"OOD AUROC of mean window energy, steps {r['steps']} samples {r['samples']}: "
-            f"raw {r['auroc_energy']:.3f}, relative {r['auroc_relative_energy']:.3f}"
-        )
-    return "\n".join(lines)
+    return text
 
 
 def run(args: argparse.Namespace) -> dict:
-    model, tokenizer = load_checkpoint(args.model, want_ebt=True)
+    checkpoint = load_checkpoint(args.model, ebt=True)
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
     context = model.config.max_position_embeddings
     block = args.block_size or context
     if not 2 <= block <= context:
@@ -239,31 +235,39 @@ def run(args: argparse.Namespace) -> dict:
 
     twin_scores = {}
     if args.twin:
-        twin, twin_tokenizer = load_checkpoint(args.twin, want_ebt=False)
-        if twin_tokenizer.get_vocab() != tokenizer.get_vocab():
+        twin = load_checkpoint(args.twin, ebt=False, flag="--twin")
+        if twin.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"--twin {args.twin} has a different tokenizer from --model: perplexities would not compare")
-        twin_scores = {name: score_twin(twin, d, args.batch_size) for name, d in data.items()}
+        twin_scores = {name: score_twin(twin.model, d, args.batch_size) for name, d in data.items()}
 
-    think = dict(step_size=args.step_size, noise=args.noise, temperature=args.temperature, tolerance=args.tolerance,
-                 accept_decrease=args.accept_decrease, seed=args.seed)
+    settings = thinking_settings(args)
     rows, auroc = [], []
     metric = load_metric("energy_auroc")
-    for steps in args.steps:
-        for samples in args.samples:
-            started = time.time()
-            per_data = {name: score_ebt(model, d, args.batch_size, dict(think, steps=steps, samples=samples)) for name, d in data.items()}
-            for name, result in per_data.items():
-                rows.append({"dataset": name, "steps": steps, "samples": samples, **{k: v for k, v in result.items() if not k.startswith("window_")}})
-            if "ood" in per_data:
-                auroc.append({"steps": steps, "samples": samples, **_ood_auroc(metric, per_data["id"], per_data["ood"])})
-            ppl = ", ".join(f"{name} {r['perplexity']:.4f}" for name, r in per_data.items())
-            print(f"steps {steps:>3} samples {samples:>2}: perplexity {ppl} ({time.time() - started:.0f} s)", file=sys.stderr)
+    for thinking in settings:
+        steps, samples = thinking.steps, thinking.samples
+        started = time.time()
+        per_data = {name: score_ebt(model, d, args.batch_size, thinking) for name, d in data.items()}
+        for name, result in per_data.items():
+            rows.append(
+                {
+                    "dataset": name,
+                    "steps": steps,
+                    "samples": samples,
+                    **{k: v for k, v in result.items() if not k.startswith("window_")},
+                }
+            )
+        if "ood" in per_data:
+            auroc.append({"steps": steps, "samples": samples, **_ood_auroc(metric, per_data["id"], per_data["ood"])})
+        ppl = ", ".join(f"{name} {r['perplexity']:.4f}" for name, r in per_data.items())
+        print(f"steps {steps!s:>3} samples {samples!s:>2}: perplexity {ppl} ({time.time() - started:.0f} s)", file=sys.stderr)
+    fixed = {k: v for k, v in given_settings(settings[0]).items() if k not in SWEEP}
     return {
         "args": vars(args),
         "model": args.model,
         "twin_model": args.twin,
         "trained_steps": model.config.max_train_steps,
-        "think": think,
+        "think": fixed,  # the settings every row shares; unset ones are the checkpoint's (config.inference_*)
+        "checkpoint_thinking": model.config.thinking_config.to_dict(),
         "datasets": sources,
         "ebt": rows,
         "twin": twin_scores,
@@ -272,15 +276,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        record = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    record = run(args)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2))
     plot(record, output.with_suffix(".png"))
-    print(_table(record))
+    print(tables(record))
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return 0

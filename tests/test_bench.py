@@ -11,10 +11,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaForCausalLM
 
-from ebt import EBTForCausalLM, llama_twin_config
+from ebt import EBTForCausalLM, ThinkingConfig, llama_twin_config
 from ebt.reference import plain_forward
 from eval.__main__ import main as eval_main
-from eval.bench import RECIPES, SIZES, ebt_config, interleaved, peak_memory
+from eval.bench import BENCH_RECIPES, SIZES, ebt_config, interleaved, peak_memory
 from eval.flops import Dims, Recipe, ebt_decode_flops, train_step_flops
 
 aten = torch.ops.aten
@@ -27,7 +27,9 @@ def _flash_flops(q, k, v, dropout_p=0.0, is_causal=False, *args, out_shape=None,
     return 4 * b * h * dh * pairs
 
 
-def _flash_backward_flops(grad_out, q, k, v, out, logsumexp, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+def _flash_backward_flops(
+    grad_out, q, k, v, out, logsumexp, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs
+) -> int:
     return 2 * _flash_flops(q, k, v, dropout_p, is_causal)
 
 
@@ -46,8 +48,28 @@ def _counted(fn) -> int:
 
 def test_bench_runs_at_the_smallest_size(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--sizes", "micro", "--warmup", "0", "--repeats", "1", "--think-steps", "1", "2",
-            "--uncached-steps", "1", "--new-tokens", "2", "--threads", "1", "--output", str(out)]
+    argv = [
+        "bench",
+        "--sizes",
+        "micro",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--think-steps",
+        "1",
+        "2",
+        "--think-samples",
+        "2",
+        "--uncached-steps",
+        "1",
+        "--new-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--output",
+        str(out),
+    ]
     assert eval_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Transformer++ |" in printed and "Context reuse" in printed and "Targets" in printed
@@ -60,13 +82,21 @@ def test_bench_runs_at_the_smallest_size(tmp_path, capsys):
         assert row["median_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_bytes"] > 0 and row["flops_per_token"] > 0
     (ctx,) = report["sizes"]["micro"]["generation"]["contexts"]
     assert [r["name"] for r in ctx["rows"]] == ["llama", "cached k=1", "cached k=2", "uncached k=1"]
+    assert [r["think_samples"] for r in ctx["rows"]] == [None, 2, 2, 2]  # --think-samples reaches every EBT row
     assert all(r["first_token_s"] > 0 for r in ctx["rows"])
     targets = {t["target"]: t for t in report["targets"]}
     assert not targets["EBT S1 step / Transformer++ step"]["applies"]  # the target is set for tiny on CPU
     assert "cached k=2 / Transformer++ per token, context 8" in targets
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_bench_recipes_are_the_projects_s2_at_its_dearer_step_count():
+    from ebt.recipes import RECIPES
+
+    assert BENCH_RECIPES["S1"] == RECIPES["s1"]
+    assert BENCH_RECIPES["S2"] == {**RECIPES["s2"], "train_steps": 3, "train_steps_max": None}
+
+
+@pytest.mark.parametrize("recipe", sorted(BENCH_RECIPES))
 def test_flop_model_matches_counted_training_flops(recipe):
     torch.manual_seed(0)
     size = SIZES["micro"]
@@ -83,19 +113,23 @@ def test_flop_model_matches_counted_training_flops(recipe):
         assert model[name] * ids.numel() == pytest.approx(flops, rel=0.02), name
 
 
-@pytest.mark.parametrize("cached", [True, False])
-def test_flop_model_matches_counted_decoding_flops(cached):
+@pytest.mark.parametrize(
+    ("cached", "samples", "energies"), [(True, 1, False), (False, 1, False), (True, 2, False), (True, 1, True)]
+)
+def test_flop_model_matches_counted_decoding_flops(cached, samples, energies):
     torch.manual_seed(0)
     size = SIZES["micro"]
     ebt = EBTForCausalLM(ebt_config(size, "S1", 32)).eval()
     prompt = torch.randint(size.vocab, (1, 10))
-    steps = 3
+    thinking = ThinkingConfig(steps=3, samples=samples)
 
     def generate(n: int):
-        return lambda: ebt.generate(prompt, max_new_tokens=n, think_steps=steps, use_cache=cached)
+        return lambda: ebt.generate(
+            prompt, max_new_tokens=n, thinking=thinking, use_cache=cached, return_dict_in_generate=energies
+        )
 
     second_token = _counted(generate(2)) - _counted(generate(1))  # decoding at context 10 -> 11
-    assert ebt_decode_flops(Dims.of(ebt.config), 10, steps, cached) == pytest.approx(second_token, rel=0.02)
+    assert ebt_decode_flops(Dims.of(ebt.config), 10, 3, cached, samples, energies) == pytest.approx(second_token, rel=0.02)
 
 
 def test_cpu_peak_memory_sees_the_largest_moment():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import train_tiny_run
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 PROMPTS = ["12+34=", "5+6=", "907+3="]
@@ -17,18 +18,13 @@ PROMPTS = ["12+34=", "5+6=", "907+3="]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """``OUTPUT/final`` of a two-step run of the project's trainer (weights barely trained: generation only)."""
-    from train.config import load_config
-    from train.loop import Trainer
-
-    out = tmp_path_factory.mktemp("run")
     tiny = [
         "model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
         "model.max_position_embeddings=32", "data.block_size=32", "data.tasks=[addition]", "data.task_examples=100",
         "data.task_val_examples=10", "train.micro_batch_size=4", "train.max_steps=2", "train.warmup_steps=1",
         "train.mixed_precision=fp32", "eval.every=1000", "eval.max_blocks=1", "eval.think_steps=[1]", "checkpoint.every=1000",
     ]  # fmt: skip
-    Trainer(load_config(None, [f"output_dir={out}", *tiny])).run()
-    return out / "final"
+    return train_tiny_run(tmp_path_factory.mktemp("run"), *tiny)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,9 @@ def test_pipeline_passes_thinking_settings_to_generate(pipe, exported):
 def test_batched_pipeline_equals_each_prompt_alone(pipe, exported):
     batched = pipe(PROMPTS, max_new_tokens=8, do_sample=False, batch_size=len(PROMPTS))
     assert [o[0]["generated_text"] for o in batched] == [_greedy(exported, p, max_new_tokens=8) for p in PROMPTS]
-    assert any(o[0]["generated_text"] != p for o, p in zip(batched, PROMPTS)), "nothing generated: the comparison proves nothing"
+    assert any(o[0]["generated_text"] != p for o, p in zip(batched, PROMPTS)), (
+        "nothing generated: the comparison proves nothing"
+    )
 
 
 def test_pipeline_generates_with_the_folders_defaults(pipe, exported):

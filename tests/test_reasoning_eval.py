@@ -10,13 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import save_checkpoint, tiny_ebt_config
 from transformers import LlamaForCausalLM
 
-from ebt import EBTConfig, EBTForCausalLM, llama_twin_config
+from ebt import EBTForCausalLM, ThinkingConfig, llama_twin_config
 from ebt.tasks import TASK_NAMES, check_answer, make_task
-from ebt.tokenizer import char_tokenizer
 from eval import reasoning as R
 from eval.__main__ import main as eval_main
+from eval.common import Checkpoint
+from train.tokenizer import char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +30,10 @@ def tokenizer():
 
 
 class ScriptedModel:
-    """A stand-in model: ``generate`` continues each prompt with the text ``script(prompt, think)``.
+    """A stand-in model: ``generate`` continues each prompt with the text ``script(prompt, thinking)``.
 
-    It checks what the evaluator must send (EOS before the prompt, left padding, greedy) and
-    records the thinking keyword arguments it was given.
+    It checks what the evaluator must send (EOS before the prompt, left padding, greedy, the
+    length limit as ``max_length`` only) and records the thinking config it was given.
     """
 
     def __init__(self, tokenizer, script, model_type: str = "llama"):
@@ -39,22 +41,26 @@ class ScriptedModel:
         self.config = SimpleNamespace(model_type=model_type)
         self.think_calls: list[dict] = []
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id, pad_token_id, **think):
-        assert do_sample is False
-        self.think_calls.append(think)
+    def generate(self, input_ids, attention_mask, max_length, do_sample, eos_token_id, pad_token_id, **think):
+        assert do_sample is False and set(think) <= {"thinking"}
+        max_new_tokens = max_length - input_ids.shape[1]
+        thinking = think.get("thinking")
+        self.think_calls.append(thinking)
         rows = []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             assert mask == sorted(mask), "padding must be on the left"
             real = ids[len(ids) - sum(mask) :]
             assert real[0] == eos_token_id, "every prompt follows an EOS, as in the packed training stream"
-            text = self.script(self.tokenizer.decode(real[1:]), think)
+            text = self.script(self.tokenizer.decode(real[1:]), thinking)
             new = self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
             rows.append(ids + new + [pad_token_id] * (max_new_tokens - len(new)))
         return torch.tensor(rows)
 
 
-def scripted(tokenizer, script, model_type: str = "llama") -> R.Checkpoint:
-    return R.Checkpoint(label=model_type, path="scripted", model=ScriptedModel(tokenizer, script, model_type), tokenizer=tokenizer)
+def scripted(tokenizer, script, model_type: str = "llama") -> Checkpoint:
+    return Checkpoint(
+        label=model_type, path="scripted", model=ScriptedModel(tokenizer, script, model_type), tokenizer=tokenizer
+    )
 
 
 def true_answer(task: str, prompt: str) -> str:
@@ -69,12 +75,12 @@ def test_scoring_is_exact_for_answers_we_control(tokenizer) -> None:
     data = make_task("addition", "test", 40, seed=3).to_dict()
     kinds = {}  # prompt -> what the script does with it
 
-    def script(prompt: str, think: dict) -> str:
+    def script(prompt: str, thinking) -> str:
         i = data["prompt"].index(prompt)
         kind = ("right", "wrong", "right, no EOS", "right, junk after EOS")[i % 4]
         kinds[prompt] = kind
         truth = true_answer("addition", prompt)
-        wrong = str((int(truth[::-1]) + 1))[::-1]
+        wrong = str(int(truth[::-1]) + 1)[::-1]
         return {
             "right": truth + "\n",
             "wrong": wrong + "\n",
@@ -98,7 +104,7 @@ def test_scoring_is_exact_for_answers_we_control(tokenizer) -> None:
 
 def test_an_answer_cut_off_before_its_eos_is_wrong(tokenizer) -> None:
     prompt = "357+68="
-    checkpoint = scripted(tokenizer, lambda p, think: "524\n")
+    checkpoint = scripted(tokenizer, lambda p, thinking: "524\n")
     for budget, expected in ((3, False), (4, True)):
         (answer,) = R.greedy_answers(checkpoint, [prompt], max_new_tokens=budget, batch_size=1)
         assert answer == R.Generated("524", finished=expected)
@@ -109,17 +115,19 @@ def test_thinking_settings_reach_the_ebt_and_become_rows(tokenizer) -> None:
     """A scripted 'EBT' that is right only with >= 4 steps and 2 samples: the rows must say so."""
     data = make_task("addition", "harder", 12, seed=0).to_dict()
 
-    def script(prompt: str, think: dict) -> str:
-        good = think["think_steps"] >= 4 and think["think_samples"] == 2
+    def script(prompt: str, thinking: ThinkingConfig) -> str:
+        good = thinking.steps >= 4 and thinking.samples == 2 and thinking.noise == 0.5
         return (true_answer("addition", prompt) if good else "0") + "\n"
 
     checkpoint = scripted(tokenizer, script, model_type="ebt")
-    rows = R.evaluate(checkpoint, "addition", "harder", data, [(1, 1), (4, 1), (4, 2), (8, 2)], batch_size=5)
+    settings = [ThinkingConfig(steps=k, samples=s, noise=0.5) for k, s in [(1, 1), (4, 1), (4, 2), (8, 2)]]
+    rows = R.evaluate(checkpoint, "addition", "harder", data, settings, batch_size=5)
     got = {(r["steps"], r["samples"]): r["accuracy"] for r in rows}
     assert got == {(1, 1): 0.0, (4, 1): 0.0, (4, 2): 1.0, (8, 2): 1.0}
     assert {r["energy_passes"] for r in rows} == {3, 9, 18, 34}
     assert all(r["total"] == 12 and r["split"] == "harder" for r in rows)
-    assert {(c["think_steps"], c["think_samples"]) for c in checkpoint.model.think_calls} == set(got)
+    assert all(call in settings for call in checkpoint.model.think_calls)
+    assert all(s in checkpoint.model.think_calls for s in settings)
     harder = set(rows[2]["accuracy_by_difficulty"])
     assert harder <= {"5", "6", "7", "8"} and harder
     assert rows[0]["outputs"] == ["0"] * 12
@@ -127,17 +135,19 @@ def test_thinking_settings_reach_the_ebt_and_become_rows(tokenizer) -> None:
 
 def test_a_model_that_cannot_think_gets_one_row_and_no_thinking_arguments(tokenizer) -> None:
     data = make_task("addition", "test", 6).to_dict()
-    checkpoint = scripted(tokenizer, lambda p, think: true_answer("addition", p) + "\n")
-    rows = R.evaluate(checkpoint, "addition", "test", data, [(1, 1), (8, 4)], batch_size=4)
+    checkpoint = scripted(tokenizer, lambda p, thinking: true_answer("addition", p) + "\n")
+    rows = R.evaluate(
+        checkpoint, "addition", "test", data, [ThinkingConfig(steps=1), ThinkingConfig(steps=8, samples=4)], batch_size=4
+    )
     assert len(rows) == 1 and rows[0]["steps"] is None and rows[0]["accuracy"] == 1.0
-    assert all(call == {} for call in checkpoint.model.think_calls)
+    assert all(call is None for call in checkpoint.model.think_calls)
     with pytest.raises(ValueError, match="not an EBT"):
-        R.greedy_answers(checkpoint, data["prompt"], max_new_tokens=4, batch_size=4, think_steps=2)
+        R.greedy_answers(checkpoint, data["prompt"], max_new_tokens=4, batch_size=4, thinking=ThinkingConfig(steps=2))
 
 
 def test_unseen_characters_are_refused() -> None:
     addition_only = char_tokenizer(["12+34=64\n"], eos_token="\n")
-    checkpoint = scripted(addition_only, lambda p, think: "\n")
+    checkpoint = scripted(addition_only, lambda p, thinking: "\n")
     with pytest.raises(ValueError, match="not trained on this task's characters"):
         R.greedy_answers(checkpoint, ["([{=", "1+2="], max_new_tokens=4, batch_size=2)
 
@@ -146,10 +156,20 @@ def test_markdown_table_layout() -> None:
     rows = [
         {"task": "dyck", "model": "EBT", "split": s, "steps": k, "samples": 1, "energy_passes": 2 * k + 1, "accuracy": a}
         for s, k, a in (("test", 1, 0.5), ("harder", 1, 0.125), ("test", 4, 0.75), ("harder", 4, 0.25))
-    ] + [{"task": "dyck", "model": "Transformer++", "split": "test", "steps": None, "samples": None, "energy_passes": None, "accuracy": 1.0}]
-    assert R.markdown_table(rows).splitlines() == [
+    ] + [
+        {
+            "task": "dyck",
+            "model": "Transformer++",
+            "split": "test",
+            "steps": None,
+            "samples": None,
+            "energy_passes": None,
+            "accuracy": 1.0,
+        }
+    ]
+    assert R.results_table(rows).splitlines() == [
         "| task | model | steps | samples | energy passes / token | test acc. (%) | harder acc. (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         "| dyck | EBT | 1 | 1 | 3 | 50.0 | 12.5 |",
         "| dyck | EBT | 4 | 1 | 9 | 75.0 | 25.0 |",
         "| dyck | Transformer++ | - | - | - | 100.0 |  |",
@@ -158,29 +178,27 @@ def test_markdown_table_layout() -> None:
 
 @pytest.fixture(scope="module")
 def folders(tokenizer, tmp_path_factory):
-    """Random EBT and Llama twin saved as the trainer saves them. A wide init makes greedy
-    continuations vary from token to token, so the batching test has something to compare."""
+    """Random EBT and Llama twin saved as the trainer saves them (with a generation length limit
+    that fits the context). A wide init makes greedy continuations vary from token to token, so
+    the batching test has something to compare."""
     root = tmp_path_factory.mktemp("reasoning")
     torch.manual_seed(0)
-    config = EBTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        step_size=5.0,
-        initializer_range=0.5,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    for name, model in (("addition-ebt", EBTForCausalLM(config)), ("addition-llama", LlamaForCausalLM(llama_twin_config(config)))):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    config = tiny_ebt_config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, max_position_embeddings=64, initializer_range=0.5,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    for name, model in (
+        ("addition-ebt", EBTForCausalLM(config)),
+        ("addition-llama", LlamaForCausalLM(llama_twin_config(config))),
+    ):
+        model.generation_config.max_length = config.max_position_embeddings
+        save_checkpoint(root / name, model, tokenizer)
     return root
 
 
-@pytest.mark.parametrize("name, think", [("addition-ebt", {"think_steps": 2, "think_samples": 2}), ("addition-llama", {})])
+@pytest.mark.parametrize(
+    "name, think", [("addition-ebt", {"thinking": ThinkingConfig(steps=2, samples=2)}), ("addition-llama", {})]
+)
 def test_batching_does_not_change_answers(folders, name: str, think: dict) -> None:
     checkpoint = R.load(str(folders / name))
     checkpoint.model.double()  # no near-ties between padded and unpadded arithmetic
@@ -191,17 +209,20 @@ def test_batching_does_not_change_answers(folders, name: str, think: dict) -> No
     assert len({a.text for a in one}) > 1  # the model's answers differ between prompts
 
 
-def test_command_writes_table_and_results(folders, tmp_path, capsys) -> None:
-    out = tmp_path / "results.json"
+def test_command_writes_table_and_results(folders, tmp_path, capfd) -> None:
+    out = tmp_path / "results" / "reasoning.json"  # the folder is created
     argv = [
         "reasoning", "--model", str(folders / "{task}-ebt"), "--twin", str(folders / "{task}-llama"),
-        "--task", "addition", "--split", "test,harder", "--steps", "1,2", "--samples", "1,2",
+        "--task", "addition", "--split", "test,harder", "--steps", "1,2", "--samples", "1,2", "--think-noise", "0.5",
         "--num-examples", "6", "--output", str(out),
     ]  # fmt: skip
     assert eval_main(argv) == 0
-    table = capsys.readouterr().out
+    table, err = capfd.readouterr()
+    # the length limit goes as max_length only: no "Both `max_new_tokens` and `max_length`" warning
+    # from transformers (the folders' generation configs set max_length, as the trainer exports)
+    assert "max_new_tokens" not in err
     saved = json.loads(out.read_text())
-    assert saved["table"] in table
+    assert saved["table"] in table and saved["thinking"] == {"noise": 0.5}
     rows = saved["results"]
     # 4 EBT settings + 1 twin row, for each of 2 splits
     assert len(rows) == 10
@@ -211,7 +232,8 @@ def test_command_writes_table_and_results(folders, tmp_path, capsys) -> None:
     for r in rows:
         data = make_task("addition", r["split"], 6, seed=0)
         rescored = [
-            i not in r["no_eos"] and check_answer("addition", p, text) for i, (p, text) in enumerate(zip(data["prompt"], r["outputs"]))
+            i not in r["no_eos"] and check_answer("addition", p, text)
+            for i, (p, text) in enumerate(zip(data["prompt"], r["outputs"]))
         ]
         assert r["correct"] == sum(rescored) and r["accuracy"] == sum(rescored) / 6
     assert table.count("| addition | EBT |") == 4 and table.count("| addition | Transformer++ |") == 1
@@ -242,7 +264,9 @@ def test_reasoning_configs_train_ebt_and_twin_alike(task: str) -> None:
     ebt_cfg, twin_cfg = (asdict(load_config(root / f"{task}-{kind}.yaml")) for kind in ("ebt", "llama"))
     assert (ebt_cfg["model"].pop("kind"), twin_cfg["model"].pop("kind")) == ("ebt", "llama")
     assert ebt_cfg.pop("output_dir") != twin_cfg.pop("output_dir")
-    assert ebt_cfg["model"].pop("ebt") and not twin_cfg["model"].pop("ebt")
+    # the EBT's recipe (ebt.recipes) and any EBT fields on top of it; the twin has neither
+    assert ebt_cfg["model"].pop("recipe") and not twin_cfg["model"].pop("recipe")
+    assert ebt_cfg["model"].pop("ebt") is not None and not twin_cfg["model"].pop("ebt")
     for cfg in (ebt_cfg, twin_cfg):
         cfg["eval"].pop("think_steps")  # the EBT's extra validation losses; no effect on training
     assert ebt_cfg == twin_cfg  # same sizes, tokenizer, data, schedule, hence the same tokens

@@ -69,7 +69,7 @@ def text_documents(text_file: str | None = None, **_: Any) -> datasets.DatasetDi
     """The paragraphs of a local text file (split at blank or whitespace-only lines, stripped, non-empty)."""
     if not text_file:
         raise ValueError(
-            "ebt_text_ppl needs a local text file: pass --metadata '{\"text_file\": \"PATH\"}' to lm_eval, "
+            'ebt_text_ppl needs a local text file: pass --metadata \'{"text_file": "PATH"}\' to lm_eval, '
             "or --text-file PATH to python -m eval harness"
         )
     path = Path(text_file).expanduser()

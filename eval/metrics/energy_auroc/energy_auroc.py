@@ -2,14 +2,14 @@
 
 AUROC of a per-text score (mean energy) for telling out-of-distribution texts (positives) from
 in-distribution ones: 0.5 = no separation, 1 = OOD texts always score higher. The arithmetic is
-``ebt.uncertainty``'s.
+``eval.uncertainty``'s.
 """
 
 import datasets
 import evaluate
 import torch
 
-from ebt.uncertainty import auroc
+from eval.uncertainty import auroc
 
 _DESCRIPTION = "AUROC of a score separating out-of-distribution (1) from in-distribution (0) texts."
 _INPUTS = """

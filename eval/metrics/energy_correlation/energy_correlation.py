@@ -1,14 +1,14 @@
 """How well per-token energy predicts per-token loss, as an ``evaluate`` metric.
 
 Pearson on the raw values and Spearman on ranks (energies have no fixed scale); both positive
-when high energy marks the tokens the model gets wrong. The arithmetic is ``ebt.uncertainty``'s.
+when high energy marks the tokens the model gets wrong. The arithmetic is ``eval.uncertainty``'s.
 """
 
 import datasets
 import evaluate
 import torch
 
-from ebt.uncertainty import pearson, spearman
+from eval.uncertainty import pearson, spearman
 
 _DESCRIPTION = "Pearson and Spearman correlation between per-token energy and per-token loss."
 _INPUTS = """

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ebt.configuration_ebt import ThinkingConfig
+
 
 @dataclass
 class TokenScores:
@@ -45,11 +47,14 @@ class TokenScores:
         return self.energy - self.reference_energy
 
 
-def score_tokens(model, input_ids: torch.Tensor, **think_kwargs) -> TokenScores:
-    """Think over ``input_ids`` (B, L) once and score every next token; ``think_kwargs`` go to ``think()``."""
+def score_tokens(model, input_ids: torch.Tensor, thinking: ThinkingConfig | None = None, **settings) -> TokenScores:
+    """Think over ``input_ids`` (B, L) once and score every next token.
+
+    ``thinking`` and ``settings`` (``ThinkingConfig`` field names, e.g. ``steps=4``) go to ``think()``.
+    """
     with torch.no_grad():
         context = model.model.encode(input_ids)
-        out = model.think(context=context, **think_kwargs)
+        out = model.think(context=context, thinking=thinking, **settings)
         logits = out.logits[:, :-1]  # (B, L-1, V): the last position has no target
         nll = F.cross_entropy(logits.flatten(0, 1).double(), input_ids[:, 1:].flatten(), reduction="none")
         bsz, length = input_ids.shape
