@@ -444,7 +444,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         super().__init__(config)
         self.model = EBTModel(config)
         # Inner-loop step size. Its own optimiser group (lr x step_size_lr_multiplier, no decay).
-        self.alpha = nn.Parameter(torch.tensor(float(config.step_size)), requires_grad=config.step_size_learnable)
+        # Shape (1,), not a scalar: FSDP shards only parameters with at least one dimension.
+        self.alpha = nn.Parameter(torch.full((1,), float(config.step_size)), requires_grad=config.step_size_learnable)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
