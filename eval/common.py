@@ -77,10 +77,10 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         if not self.label:
-            self.label = "EBT" if self.is_ebt else "Transformer++"
+            self.label = "EBT" if self.can_think else "Transformer++"
 
     @property
-    def is_ebt(self) -> bool:
+    def can_think(self) -> bool:
         """Whether thinking settings apply (an energy-based model)."""
         return getattr(self.model.config, "model_type", None) == "ebt"
 

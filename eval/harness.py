@@ -20,7 +20,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eval.common import add_thinking_arguments, given_settings, markdown_table, setting_label, thinking_settings
+from eval.common import (
+    UsageError,
+    add_thinking_arguments,
+    comma_list,
+    given_settings,
+    markdown_table,
+    setting_label,
+    thinking_settings,
+)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -30,7 +38,7 @@ SWEEP = ("steps", "samples")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (e.g. OUTPUT/final) or Hub name")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, tags or groups")
+    parser.add_argument("--tasks", type=comma_list(str), required=True, help="comma-separated lm-eval tasks, tags or groups")
     parser.add_argument("--text-file", default=None, help="local text file of ebt_text_ppl (one document per paragraph)")
     parser.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -83,7 +91,9 @@ def main(args: argparse.Namespace) -> int:
 
     from eval.lm_eval_ebt import EBTLM
 
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = args.tasks
+    if Path(args.model).exists() and not Path(args.model, "config.json").is_file():
+        raise UsageError(f"--model {args.model} is not a model folder (no config.json); pass e.g. runs/NAME/final")
     metadata = {"text_file": args.text_file} if args.text_file else {}
     manager = task_manager(tasks, args.include_path, metadata)
     settings = thinking_settings(args)

@@ -89,7 +89,7 @@ def greedy_answers(
     model, tok = checkpoint.model, checkpoint.tokenizer
     think = {}
     if thinking is not None:
-        if not checkpoint.is_ebt:
+        if not checkpoint.can_think:
             raise UsageError(f"{checkpoint.path} is not an EBT: thinking settings do not apply to it")
         think = {"thinking": thinking}
     eos = tok.eos_token_id
@@ -140,7 +140,7 @@ def evaluate(
     prompts = data["prompt"]
     budget = answer_budget(checkpoint.tokenizer, data["answer"])
     rows = []
-    for thinking in settings if checkpoint.is_ebt else [None]:
+    for thinking in settings if checkpoint.can_think else [None]:
         steps, samples = (thinking.steps, thinking.samples) if thinking is not None else (None, None)
         t0 = time.perf_counter()
         answers = greedy_answers(checkpoint, prompts, max_new_tokens=budget, batch_size=batch_size, thinking=thinking)

@@ -233,6 +233,20 @@ def test_flags_build_the_swept_configs_and_refuse_bad_values(capsys):
         assert f"ThinkingConfig.{field}=" in capsys.readouterr().err
 
 
+REQUIRED = {"thinking": ["--model", "m", "--data", "d"], "reasoning": ["--model", "m", "--task", "addition"],
+            "harness": ["--model", "m", "--tasks", "t"], "bench": []}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_refuses_a_bad_thinking_value_with_exit_2(command, capsys):
+    assert set(REQUIRED) == set(COMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        _parser(command).parse_args([*REQUIRED[command], "--think-steps", "2,-1"])
+    assert exit_info.value.code == 2 and "ThinkingConfig.steps=-1 is invalid" in capsys.readouterr().err
+    args = _parser(command).parse_args([*REQUIRED[command], "--think-tolerance", "1e-3", "--no-think-accept-decrease"])
+    assert {(t.tolerance, t.accept_decrease) for t in thinking_settings(args)} == {(1e-3, False)}
+
+
 def test_reasoning_keeps_seed_for_its_problems_and_think_seed_for_thinking():
     args = _parser("reasoning").parse_args(["--model", "m", "--task", "addition", "--seed", "3", "--think-seed", "9"])
     assert args.seed == 3 and thinking_settings(args)[0].seed == 9
