@@ -239,8 +239,8 @@ def test_output_folder_of_another_run_is_refused(tmp_path, tiny_run):
     out = tmp_path / "r"
     loop.Trainer(tiny_run(out, "train.max_steps=1", "model.kind=llama")).run()
     before = sorted(p.name for p in out.rglob("*"))
-    with pytest.raises(CheckpointError, match="holds another run.*train.lr"):
-        loop.Trainer(tiny_run(out, "train.max_steps=1", "model.kind=llama", "train.lr=0.5"))
+    with pytest.raises(CheckpointError, match="holds another run.*train.seed"):  # a shape or data-order setting
+        loop.Trainer(tiny_run(out, "train.max_steps=1", "model.kind=llama", "train.seed=7", "train.lr=0.5"))
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -249,25 +249,28 @@ def test_output_folder_of_another_run_is_refused(tmp_path, tiny_run):
     assert sorted(p.name for p in out.rglob("*")) == before and (other / "notes.txt").read_text() == "mine"
 
 
-def test_corrupt_or_missing_checkpoint_is_refused(tmp_path, tiny_run):
+def test_damaged_or_missing_checkpoint_falls_back_to_an_intact_one(tmp_path, tiny_run, capsys):
+    args = ["model.kind=llama", "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=3"]
     out = tmp_path / "r"
-    loop.Trainer(tiny_run(out, "model.kind=llama", "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=3")).run()
+    loop.Trainer(tiny_run(out, *args)).run()
     shutil.rmtree(out / "final")  # as if killed before the export: a re-run resumes from the latest checkpoint
-    latest = checkpoints(out / "checkpoints")[-1]
+    first, older, latest = checkpoints(out / "checkpoints")
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    with pytest.raises(CheckpointError, match="corrupt"):
-        loop.Trainer(
-            tiny_run(out, "model.kind=llama", "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=3")
-        ).run()
+    (older / "process_0.json").unlink()
+    capsys.readouterr()
+    trainer = loop.Trainer(tiny_run(out, *args))
+    err = capsys.readouterr().out
+    assert f"checkpoint {latest} is not usable (model.safetensors has 100 bytes, its manifest says" in err
+    assert f"checkpoint {older} is not usable (process_0.json is missing)" in err
+    assert trainer.resume_from == first and trainer.step == 1
+    trainer.run()
+    assert [p.name for p in checkpoints(out / "checkpoints")] == [f"checkpoint-0000000{i}" for i in (1, 2, 3)]
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        loop.Trainer(tiny_run(out, "model.kind=llama", "train.max_steps=3", "checkpoint.every=1", "checkpoint.resume=/nope"))
-    older = checkpoints(out / "checkpoints")[-2]
-    (older / "random_states_0.pkl").unlink()
-    with pytest.raises(CheckpointError, match="lacks random_states_0.pkl"):
-        loop.Trainer(
-            tiny_run(out, "model.kind=llama", "train.max_steps=3", "checkpoint.every=1", f"checkpoint.resume={older}")
-        ).run()
+        loop.Trainer(tiny_run(out, *args, "checkpoint.resume=/nope"))
+    with pytest.raises(CheckpointError, match="is not usable .*process_0.json is missing"):  # an explicit PATH: no fall-back
+        (first / "process_0.json").unlink()
+        loop.Trainer(tiny_run(out, *args, f"checkpoint.resume={first}"))
 
 
 def test_non_finite_steps_are_skipped_then_stop_keeping_the_last_checkpoint(tmp_path, monkeypatch, tiny_run, run_metrics):

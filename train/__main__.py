@@ -1,6 +1,7 @@
 """``python -m train [CONFIG.yaml] [section.key=value ...]`` (also under ``accelerate launch -m train``).
 
-Exit codes: 0 done, 2 bad input (config, data, output folder, checkpoint), 3 non-finite loss.
+Exit codes: 0 done (or already finished), 2 bad input (config, data, output folder, a folder locked by
+another run, checkpoint), 3 non-finite loss or weights (nothing saved, not exported).
 """
 
 from __future__ import annotations

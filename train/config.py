@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,21 @@ class ModelConfig:
     ebt: dict = _f({}, "any other EBTConfig field, on top of the recipe, e.g. {step_size: 4.0, train_steps_max: 4}")
 
 
+def coerce_ebt(values: dict) -> dict:
+    """``model.ebt`` values with EBTConfig's float fields made floats: YAML 1.1 reads ``1e30`` (no dot)
+    as a string, and a string must not reach the model config."""
+    kinds = {k: {part.strip() for part in str(v).split("|")} for k, v in inspect.get_annotations(EBTConfig).items()}
+    out = {}
+    for key, value in values.items():
+        if "float" in kinds.get(key, ()) and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def ebt_config(cfg: ModelConfig, **from_tokenizer: Any) -> EBTConfig:
     """The run's ``EBTConfig``: its defaults <- ``model.recipe`` <- ``model.ebt`` <- sizes, tokenizer ids.
 
@@ -80,7 +96,7 @@ def ebt_config(cfg: ModelConfig, **from_tokenizer: Any) -> EBTConfig:
         fields = recipe_fields(cfg.recipe) if cfg.recipe is not None else {}
     except ValueError as e:
         raise ConfigError(f"model.recipe: {e}") from None
-    fields.update(cfg.ebt)
+    fields.update(coerce_ebt(cfg.ebt))
     fields.update({k: getattr(cfg, k) for k in SIZES})
     fields.update(from_tokenizer)
     try:
@@ -256,6 +272,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             value = raw
         _set_dotted(tree, key, value)
     cfg = _build(RunConfig, tree)
+    cfg.model.ebt = coerce_ebt(cfg.model.ebt)
     validate(cfg)
     return cfg
 
@@ -289,6 +306,25 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in flat(to_dict(cfg)).items():  # every float knob, model.ebt's included
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    t = cfg.train
+    ranges = {
+        "train.lr": (t.lr > 0, "> 0"),
+        "train.min_lr_ratio": (0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        "train.weight_decay": (t.weight_decay >= 0, ">= 0"),
+        "train.beta1": (0 <= t.beta1 < 1, "in [0, 1)"),
+        "train.beta2": (0 <= t.beta2 < 1, "in [0, 1)"),
+        "train.grad_clip": (t.grad_clip >= 0, ">= 0 (0: no clipping)"),
+        "train.replay_fraction": (t.replay_fraction >= 0, ">= 0"),
+        "train.warmup_steps": (t.warmup_steps >= 0, ">= 0"),
+        "train.replay_buffer_size": (t.replay_buffer_size >= 0, ">= 0 (0: off)"),
+        "train.log_every": (t.log_every >= 1, ">= 1"),
+    }
+    for key, (ok, allowed) in ranges.items():
+        if not ok:
+            raise ConfigError(f"{key} must be {allowed}, got {flat(to_dict(cfg))[key]}")
     ebt_config(cfg.model, vocab_size=PLACEHOLDER_VOCAB)  # a bad model key or value fails here, before any data work
     check_trainer_settings(model_class(cfg.model), cfg.train.replay_buffer_size)
     if cfg.data.block_size > cfg.model.max_position_embeddings:

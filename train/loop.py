@@ -16,7 +16,18 @@ inner-loop health, validation variants) the model supplies through the hooks of
   quantity ``val/loss`` measures; a model whose objective differs logs it as ``objective``.
 - Non-finite policy: a step whose loss or gradient norm is not finite is skipped (no update,
   logged); ``train.max_nonfinite_steps`` consecutive ones stop the run with
-  :class:`NonFiniteLoss` before anything is saved, so the last good checkpoint survives.
+  :class:`NonFiniteLoss` before anything is saved, so the last good checkpoint survives. No
+  checkpoint is written while a streak of skipped steps lasts (it is written after the next
+  good step), and a run that ends in one is not exported. The weights are covered too: after
+  every update one fused max-abs over the trained parameters (reduced across processes), and
+  before every checkpoint and the export a check of all weights and optimiser state; a
+  non-finite value stops the run with :class:`NonFiniteWeights` (exit 3), nothing saved.
+- The learning-rate schedule is a pure function of the step (:func:`lr_factor`), set by hand
+  before each update: nothing to checkpoint, and a resume with other learning-rate settings
+  (resumable changes, ``train/checkpoint.py``) simply follows the new schedule.
+- Start-up (``Trainer.__init__``): the main process locks the run folder and decides fresh
+  start / resume / finished under the lock, then tells the other processes; a start that
+  fails removes only what it created (``checkpoint.RunFolder``).
 """
 
 from __future__ import annotations
@@ -51,6 +62,10 @@ SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULT
 
 class NonFiniteLoss(RuntimeError):
     """Too many consecutive non-finite steps; the run stopped without saving."""
+
+
+class NonFiniteWeights(NonFiniteLoss):
+    """An update left a weight (or optimiser state) non-finite; the run stopped without saving."""
 
 
 def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Accelerator:
@@ -129,20 +144,41 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.acc = make_accelerator(cfg, hooks.ddp_find_unused_parameters(hooks.model_class(cfg.model)))
-        self.resume_from = C.prepare_output(self.out, cfg)  # fails before anything is written
-        self.finished = self.resume_from is not None and C.is_finished(self.out, self.resume_from, cfg.train.max_steps)
-        if self.finished:  # nothing to do, and nothing is touched
-            return
-        created = not self.out.exists()
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            C.write_run_config(self.out, cfg)
+        self.folder = C.RunFolder(self.out) if self.acc.is_main_process else None
         try:
+            start = self._open()
+            self.resume_from = None if start.resume is None else Path(start.resume)
+            self.finished, self.changes = start.finished, start.changes
+            if self.finished:  # nothing to do, and nothing is touched
+                return
             self._setup()
-        except Exception:
-            if self.acc.is_main_process and self.resume_from is None:  # bad data or model: leave no half-made run
-                C.discard_fresh_run(self.out, created)
+            if self.resume_from is not None:
+                self._load()
+        except BaseException:
+            if self.folder is not None:  # remove what this start created, nothing else; release the lock
+                self.folder.abandon()
             raise
+
+    def _open(self) -> C.Start:
+        """The main process locks the folder and decides (fresh, resume, finished); every process gets the decision."""
+        acc = self.acc
+        if acc.is_main_process:
+            try:
+                self.folder.open()
+                start = C.prepare_output(self.out, self.cfg, acc.num_processes)
+                if not start.finished and not (self.out / "run_config.yaml").exists():
+                    C.write_run_config(self.out, self.cfg)
+            except BaseException as e:
+                _broadcast_text(acc, json.dumps({"error": f"{e}" if isinstance(e, C.CheckpointError) else repr(e)}))
+                raise
+            for note in start.notes:
+                acc.print(f"warning: {note}")
+            _broadcast_text(acc, start.to_json())
+            return start
+        decision = json.loads(_broadcast_text(acc, None))
+        if "error" in decision:
+            raise C.CheckpointError(f"the main process could not start the run: {decision['error']}")
+        return C.Start(**decision)
 
     def _setup(self) -> None:
         cfg, t, world = self.cfg, self.cfg.train, self.acc.num_processes
@@ -151,16 +187,15 @@ class Trainer:
         self.model = build_model(cfg.model, self.tokenizer)
         set_seed(t.seed + self.acc.process_index)  # the model's own draws differ per process
         self.optimizer = build_optimizer(self.model, t)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, t))
-        # The scheduler is stepped by hand: Accelerate's wrapper would step it once per process.
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the schedule's peaks, per group
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.acc.register_for_checkpointing(self.scheduler)
+        self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.replay = ReplayBuffer(t.replay_buffer_size) if t.replay_buffer_size else None
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * world
         rank = self.acc.process_index
         self.batches = training_batches(blocks.train, self.global_batch, rank, world, t.seed, cfg.data.shuffle_buffer)
         self.val = val_rows(blocks.val, cfg.eval.max_blocks, rank, world, t.micro_batch_size)
-        self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
+        self.step, self.tokens_seen, self.bad_steps, self.save_due = 0, 0, 0, False
 
     # ------------------------------------------------------------------ setup
     def _data(self) -> tuple[PreTrainedTokenizerBase, D.Blocks]:
@@ -178,15 +213,30 @@ class Trainer:
             blocks = D.build_blocks(cfg.data, tokenizer, raw, cfg.train.seed)
         return tokenizer, blocks
 
-    def _resume(self) -> None:
-        state, process_state = C.load(self.acc, self.resume_from, self.replay)
+    def _load(self) -> None:
+        """Weights, optimiser state, RNG, replay buffer and data position from the (verified) checkpoint."""
+        model = self.acc.unwrap_model(self.model)
+        state, process_state = C.load(self.acc, self.resume_from, model, self.optimizer, self.replay)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.batches.load_state_dict(process_state["data"])
-        if self.acc.is_main_process:  # drop what the interrupted run logged after this checkpoint
-            lines = self._metrics_path().read_text().splitlines() if self._metrics_path().exists() else []
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            self._metrics_path().write_text("".join(ln + "\n" for ln in kept))
-        self.acc.print(f"resumed from {self.resume_from} at step {self.step}")
+
+    def _resume_log(self) -> None:
+        """Drop what the interrupted run logged after the checkpoint (and a line torn by a kill)."""
+        path = self._metrics_path()
+        if not self.acc.is_main_process or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append((json.loads(line)["step"], line))
+            except (ValueError, KeyError, TypeError):
+                if i < len(lines) - 1:
+                    raise C.CheckpointError(
+                        f"{path} line {i + 1} is not a metrics row ({line[:60]!r}); fix or remove that line, then resume"
+                    ) from None
+                self.acc.print(f"note: dropped the torn last line of {path} ({line[:60]!r}): the run was killed writing it")
+        C.write_atomic(path, "".join(line + "\n" for step, line in rows if step <= self.step))
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -216,8 +266,28 @@ class Trainer:
         for key, rows in old.items():
             mb[key] = torch.cat([mb[key], rows])
 
+    def _set_lr(self) -> float:
+        """The schedule at the current step: each group's peak times :func:`lr_factor` (no scheduler state)."""
+        factor = lr_factor(self.step, self.cfg.train)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _weights_bad(self, tensors: list[torch.Tensor]) -> bool:
+        """True when any of ``tensors`` on any process holds a NaN or an infinity (all processes agree)."""
+        return bool(self.acc.reduce(C.finite_flag(tensors).to(self.acc.device), "sum").item())
+
+    def _stop_non_finite(self, when: str) -> None:
+        model = self.acc.unwrap_model(self.model)
+        what = C.non_finite(model, self.optimizer) or "on another process"
+        raise NonFiniteWeights(
+            f"{when}: non-finite weights or optimiser state ({what}); stopped without saving. The last good "
+            f"checkpoint is in {self.out / 'checkpoints'}: lower train.lr (or the model's step size), then resume it"
+        )
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns its metrics (identical on all processes)."""
+        lr = self._set_lr()
         mbs = self._micro_batches()
         model = self.acc.unwrap_model(self.model)
         counts = [scored(mb["labels"]) for mb in mbs]
@@ -238,12 +308,14 @@ class Trainer:
         loss, objective = (self.acc.reduce(sums, "sum") / max(total, 1.0)).tolist()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), clip))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
         if hooks.has_objective(outputs[-1]):
             metrics["objective"] = objective
         if all(math.isfinite(v) for v in (loss, objective, grad_norm)):
             self.optimizer.step()
             self.bad_steps = 0
+            if self._weights_bad(self.trained):  # one fused check of what the update changed
+                self._stop_non_finite(f"step {self.step + 1}'s update")
         else:
             self.bad_steps += 1
             metrics["skipped"] = 1
@@ -257,7 +329,6 @@ class Trainer:
                     f"(or the model's step size), then resume it"
                 )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         metrics.update(hooks.training_metrics(model, outputs))
         return metrics
 
@@ -289,13 +360,21 @@ class Trainer:
     def _metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], extra: dict | None = None) -> None:
+        """One metrics.jsonl row (``extra``: JSON-only fields, not sent to the trackers)."""
         if self.acc.is_main_process:
             with self._metrics_path().open("a") as f:
-                f.write(json.dumps({"step": self.step, "tokens": self.tokens_seen, **metrics}) + "\n")
+                f.write(json.dumps({"step": self.step, "tokens": self.tokens_seen, **metrics, **(extra or {})}) + "\n")
         self.acc.log(metrics, step=self.step)
 
+    def _all_state(self) -> list[torch.Tensor]:
+        model = self.acc.unwrap_model(self.model)
+        opt = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.is_floating_point()]
+        return [p for p in model.parameters() if p.is_floating_point()] + opt
+
     def _save(self) -> None:
+        if self._weights_bad(self._all_state()):
+            self._stop_non_finite(f"checkpoint at step {self.step}")
         state = {"step": self.step, "tokens_seen": self.tokens_seen}
         C.save(
             self.acc,
@@ -303,20 +382,41 @@ class Trainer:
             self.step,
             state,
             {"data": self.batches.state_dict()},
+            self.acc.unwrap_model(self.model),
+            self.optimizer,
             self.replay,
             self.cfg.checkpoint.keep_last,
         )
 
+    def close(self) -> None:
+        """Release the run folder (the main process's lock); also done when :meth:`run` ends, however it ends."""
+        if self.folder is not None:
+            self.folder.release()
+
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
         if self.finished:
             acc.print(f"{self.out} is finished ({cfg.train.max_steps} steps); its export is in {self.out / 'final'}")
             return {}
+        extra = {}
         if self.resume_from is not None:
-            self._resume()
+            self._resume_log()
+            acc.print(f"resumed from {self.resume_from} at step {self.step}")
         elif acc.is_main_process:  # a fresh start in this run's folder (killed before its first checkpoint)
             self._metrics_path().unlink(missing_ok=True)
+        if self.changes:
+            if acc.is_main_process:
+                C.write_run_config(self.out, cfg)
+            shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
+            acc.print(f"settings changed since the run's last start: {shown}")
+            extra["changed"] = self.changes  # on the first row logged from here on
         if acc.is_main_process:
             tracker_cfg = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
             acc.init_trackers("tensorboard", config=tracker_cfg)
@@ -339,14 +439,43 @@ class Trainer:
                 bar.write(
                     f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
                 )
-            self._log(metrics)
-            if self.step % cfg.checkpoint.every == 0 or last:
-                self._save()
+            self._log(metrics, extra)
+            extra = {}
+            if self.step % cfg.checkpoint.every == 0 or last or self.save_due:
+                if self.bad_steps:  # never a checkpoint inside a streak of skipped steps: after the next good one
+                    self.save_due = True
+                    acc.print(f"step {self.step}: checkpoint deferred (the step was skipped as non-finite)")
+                else:
+                    self._save()
+                    self.save_due = False
         bar.close()
+        if self.bad_steps:
+            raise NonFiniteLoss(
+                f"the run ended in {self.bad_steps} consecutive non-finite step(s) (the last at step {self.step}); "
+                f"not exported, no final checkpoint. The last good checkpoint is in {self.out / 'checkpoints'}: "
+                f"lower train.lr (or the model's step size), then resume it"
+            )
         if not any(k.startswith("val/") for k in metrics):
             metrics.update(self.evaluate())
+        if self._weights_bad(self._all_state()):
+            self._stop_non_finite("before the export")
         if acc.is_main_process:
             export(acc.unwrap_model(self.model), self.tokenizer, self.out, cfg, self.tokens_seen, self.step, metrics)
         acc.wait_for_everyone()
         acc.end_training()
         return metrics
+
+
+def _broadcast_text(acc: Accelerator, text: str | None) -> str:
+    """``text`` of the main process, on every process (tensors only: nothing is pickled)."""
+    if acc.num_processes == 1:
+        return text
+    import torch.distributed as dist
+
+    data = torch.tensor(list(text.encode()) if acc.is_main_process else [], dtype=torch.uint8, device=acc.device)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=acc.device)
+    dist.broadcast(size, 0)
+    if not acc.is_main_process:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=acc.device)
+    dist.broadcast(data, 0)
+    return bytes(data.cpu().tolist()).decode()
