@@ -446,6 +446,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         # Inner-loop step size. Its own optimiser group (lr x step_size_lr_multiplier, no decay).
         # Shape (1,), not a scalar: FSDP shards only parameters with at least one dimension.
         self.alpha = nn.Parameter(torch.full((1,), float(config.step_size)), requires_grad=config.step_size_learnable)
+        self._compiled_energy_and_grad = None  # set by compile_thinking()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -455,6 +456,16 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         self.model.embed_tokens = value
 
     # ---------------------------------------------------------------- the inner loop
+    def compile_thinking(self, **options) -> None:
+        """Compile the inference energy-and-gradient of every thinking step with ``torch.compile``.
+
+        Dynamic shapes, so a growing generation context or another batch size does not recompile.
+        Inference only: training keeps the eager path, because compiled double backward has known
+        silent-wrong-gradient reports. The first call compiles (tens of seconds on a CPU); the
+        result equals the eager loop to float rounding (tested). ``options`` go to ``torch.compile``.
+        """
+        self._compiled_energy_and_grad = torch.compile(self._energy_and_grad, dynamic=True, **options)
+
     def _energy_and_grad(
         self, energy_fn, z_in: torch.Tensor, step: int, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -515,8 +526,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 z = z.detach()
             z_in = z + noise * noise_fn(i, z.shape) if noise > 0 else z
             build_graph = training and (cfg.second_order == "all" or i == steps - 1)
+            compiled = None if training else self._compiled_energy_and_grad
             with torch.enable_grad():
-                energy, grad, p = self._energy_and_grad(energy_fn, z_in, i, build_graph)
+                energy, grad, p = (compiled or self._energy_and_grad)(energy_fn, z_in, i, build_graph)
             if not training:
                 energy, grad, p = energy.detach(), grad.detach(), p.detach()
                 if accept_decrease and last_good is not None:
