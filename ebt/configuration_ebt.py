@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 UPDATE_RULES = ("probability", "logit", "mirror")
 SECOND_ORDER = ("all", "last")
 LOSS_ON = ("all", "last")
-INFERENCE_INITS = ("noise", "uniform")
+INFERENCE_INITS = ("noise", "uniform", "draft")
 STEP_SIZE_SCHEDULES = ("constant", "linear", "cosine", "inverse_sqrt")
 SELECTIONS = ("energy", "average")
 
@@ -51,7 +51,9 @@ class ThinkingConfig:
     :meth:`resolve` fills them in.
     """
 
-    steps: int | None = _setting("inner optimisation steps per position (0 = the starting candidate); default: the trained count")
+    steps: int | None = _setting(
+        "inner optimisation steps per position (0 = the starting candidate); default: the trained count"
+    )
     step_size: float | None = _setting("step size alpha (> 0); default: the model's learned/fixed alpha")
     step_size_schedule: str | None = _setting(
         f"how alpha changes over the steps: {', '.join(STEP_SIZE_SCHEDULES)} (linear/cosine decay towards 0 over `steps`)"
@@ -67,7 +69,10 @@ class ThinkingConfig:
     )
     accept_decrease: bool | None = _setting("undo a step that raised a position's energy and halve its step size")
     seed: int | None = _setting("seed of the random starts and noise (keyed on absolute position: batch-invariant)")
-    init: str | None = _setting(f"starting candidates: {', '.join(INFERENCE_INITS)} (uniform = first start uniform)")
+    init: str | None = _setting(
+        f"starting candidates: {', '.join(INFERENCE_INITS)} (uniform/draft: the first start is the uniform "
+        "distribution / the draft head's prediction, further starts add noise; draft needs a model with draft_head)"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -145,7 +150,11 @@ class ThinkingConfig:
     @classmethod
     def pop_prefixed(cls, kwargs: dict[str, Any], prefix: str = "think_") -> dict[str, Any]:
         """Remove ``think_<field>`` keys from ``kwargs`` and return them as ``{field: value}``."""
-        return {key[len(prefix) :]: kwargs.pop(key) for key in list(kwargs) if key[len(prefix) :] in cls.field_names() and key.startswith(prefix)}
+        return {
+            key[len(prefix) :]: kwargs.pop(key)
+            for key in list(kwargs)
+            if key[len(prefix) :] in cls.field_names() and key.startswith(prefix)
+        }
 
     def step_size_factor(self, step: int) -> float:
         """The schedule's multiplier of alpha at inner step ``step`` (0-based) of ``self.steps``."""
@@ -214,6 +223,19 @@ class EBTConfig(PreTrainedConfig):
     loss_on: str = "all"
     step_embeddings: bool = True
     init_noise_scale: float = 1.0
+    # Convergent refinement (mirror rule): the candidates minimise E(p) + kl_weight * KL(p || q),
+    # q the draft's distribution (uniform without a draft head, i.e. an entropy bonus). The step is
+    # z <- (1 - alpha kl_weight) z + alpha kl_weight z_q - alpha dE/dp: its fixed point
+    # z_q - dE/dp / kl_weight lies inside the simplex, so longer descent converges.
+    kl_weight: float = 0.0
+    # Amortised start: an LM head on the context stream proposes the candidates ("draft"),
+    # trained with next-token cross-entropy (weight draft_loss_weight); in training the inner loop
+    # starts from the detached draft plus noise. draft_layers: own residual SwiGLU blocks between
+    # the shared stack and the head; draft_stop_gradient: its loss does not train the shared stack.
+    draft_head: bool = False
+    draft_layers: int = 0
+    draft_loss_weight: float = 1.0
+    draft_stop_gradient: bool = False
 
     # What thinking callers get by default: one ``inference_<field>`` per ThinkingConfig field.
     inference_steps: int | None = None
@@ -259,13 +281,39 @@ class EBTConfig(PreTrainedConfig):
         for name in ("step_size", "step_size_lr_multiplier", "rope_theta"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
                 raise bad(name, "must be a finite number > 0")
-        for name in ("langevin_noise", "init_noise_scale", "rms_norm_eps", "initializer_range"):
+        for name in (
+            "langevin_noise",
+            "init_noise_scale",
+            "rms_norm_eps",
+            "initializer_range",
+            "kl_weight",
+            "draft_loss_weight",
+        ):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "must be a finite number >= 0")
         if not (_is_number(self.step_size_random_scale) and self.step_size_random_scale >= 1):
-            raise bad("step_size_random_scale", "must be a finite number >= 1 (1 = fixed; s draws alpha uniformly in [alpha/s, alpha*s])")
-        if self.train_steps_max is not None and not (_is_int(self.train_steps_max) and self.train_steps_max >= self.train_steps):
+            raise bad(
+                "step_size_random_scale",
+                "must be a finite number >= 1 (1 = fixed; s draws alpha uniformly in [alpha/s, alpha*s])",
+            )
+        if self.train_steps_max is not None and not (
+            _is_int(self.train_steps_max) and self.train_steps_max >= self.train_steps
+        ):
             raise bad("train_steps_max", f"must be None or an integer >= train_steps={self.train_steps}")
+        if not (_is_int(self.draft_layers) and self.draft_layers >= 0):
+            raise bad("draft_layers", "must be an integer >= 0")
+        if self.kl_weight > 0:
+            if self.update_rule != "mirror":
+                raise bad("kl_weight", "needs update_rule='mirror' (the damped mirror step)")
+            largest = self.step_size * self.step_size_random_scale * self.kl_weight
+            if largest >= 1:
+                raise bad(
+                    "kl_weight",
+                    f"step_size x step_size_random_scale x kl_weight = {largest:g} must stay below 1 "
+                    "(the step multiplies z by 1 - alpha * kl_weight)",
+                )
+        if self.inference_init == "draft" and not self.draft_head:
+            raise bad("inference_init", "'draft' needs draft_head=True")
         try:
             ThinkingConfig.from_model_config(self)  # the inference defaults obey ThinkingConfig's rules
         except ValueError as err:

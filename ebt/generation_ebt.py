@@ -244,7 +244,9 @@ class EBTGenerationMixin:
                 f"max_position_embeddings={context}: truncate the prompt (keep its last tokens)."
             )
         if max_new < 1:
-            raise ValueError(f"Nothing to generate: max_new_tokens={max_new} (max_length counts the prompt's {prompt_len} tokens).")
+            raise ValueError(
+                f"Nothing to generate: max_new_tokens={max_new} (max_length counts the prompt's {prompt_len} tokens)."
+            )
         if prompt_len + max_new - 1 > context:
             raise ValueError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's context "

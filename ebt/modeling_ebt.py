@@ -41,8 +41,16 @@ from .generation_ebt import EBTGenerationMixin
 # Keyword arguments that Hugging Face callers (pipelines, harnesses, Trainer) pass to ``forward``
 # and that have no meaning for this model: accepted and ignored, anything else is an error.
 _IGNORED_FORWARD_KWARGS = frozenset(
-    {"use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
-     "num_items_in_batch", "token_type_ids"}
+    {
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "cache_position",
+        "logits_to_keep",
+        "num_items_in_batch",
+        "token_type_ids",
+    }
 )
 # Accepted only as None: the model computes positions itself and keeps its own context cache.
 _NONE_ONLY_KWARGS = frozenset({"past_key_values", "position_ids", "inputs_embeds"})
@@ -64,6 +72,8 @@ class EBTCausalLMOutput(ModelOutput):
     steps_taken: inner steps actually applied per position (B, L) (adaptive thinking stops early).
     final_loss: training only: the (detached) cross-entropy of the final candidates, while
         ``loss`` is the recipe's objective; in evaluation ``loss`` is that cross-entropy.
+    draft_logits, draft_loss: training with a draft head: its proposals (B, L, V) and their
+        cross-entropy (both detached).
     """
 
     loss: torch.FloatTensor | None = None
@@ -72,6 +82,8 @@ class EBTCausalLMOutput(ModelOutput):
     step_losses: torch.FloatTensor | None = None
     steps_taken: torch.LongTensor | None = None
     final_loss: torch.FloatTensor | None = None
+    draft_logits: torch.FloatTensor | None = None
+    draft_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -108,12 +120,16 @@ class EBTContext:
 
     keys[l], values[l]: (B, H, T, Dh). key_valid: (B, T) False at padding. positions: (B, T)
     RoPE position of each token (padding-aware, so left-padded batches match unpadded samples).
+    draft_logits: (B, n, V) the draft head's proposals for the tokens of the latest ``encode``
+    call, which start at index ``draft_offset`` (None without a draft head).
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     key_valid: torch.Tensor
     positions: torch.Tensor
+    draft_logits: torch.Tensor | None = None
+    draft_offset: int = 0
 
     @property
     def length(self) -> int:
@@ -132,8 +148,18 @@ class EBTContext:
             values=[v.repeat(n, 1, 1, 1) for v in self.values],
             key_valid=self.key_valid.repeat(n, 1),
             positions=self.positions.repeat(n, 1),
+            draft_logits=None if self.draft_logits is None else self.draft_logits.repeat(n, 1, 1),
+            draft_offset=self.draft_offset,
         )
 
+    def draft(self, query_index: torch.Tensor) -> torch.Tensor:
+        """The draft head's logits (B, Lc, V) after the context indices ``query_index``."""
+        if self.draft_logits is None:
+            raise ValueError("init='draft' needs a model with a draft head (EBTConfig.draft_head=True).")
+        local = query_index - self.draft_offset
+        if bool((local < 0).any()):
+            raise ValueError("the draft covers only the tokens of the latest encode() call; re-encode the context.")
+        return self.draft_logits[:, local]
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +180,9 @@ class EBTRMSNorm(nn.Module):
         return self.weight * _like(x, dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin tables (B, 1, T, Dh) for integer positions (B, T), for ``apply_rope``.
 
     The sin table carries the sign of Llama's ``rotate_half`` (first half negative), so applying
@@ -259,6 +287,28 @@ class EBTAttention(nn.Module):
         return self._merge(torch.matmul(w_obs, values) + w_self * v)  # (B, H, Lc, Dh) -> (B, Lc, D)
 
 
+class EBTDraftHead(nn.Module):
+    """LM head on the context stream: proposes next-token logits from the final hidden state.
+
+    ``draft_layers`` own residual SwiGLU blocks keep its features apart from the shared stack.
+    """
+
+    def __init__(self, config: EBTConfig):
+        super().__init__()
+        self.stop_gradient = config.draft_stop_gradient
+        self.norms = nn.ModuleList(EBTRMSNorm(config.hidden_size, config.rms_norm_eps) for _ in range(config.draft_layers))
+        self.mlps = nn.ModuleList(EBTMLP(config) for _ in range(config.draft_layers))
+        self.norm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.stop_gradient:
+            h = h.detach()
+        for norm, mlp in zip(self.norms, self.mlps):
+            h = h + mlp(norm(h), torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
+        return _at_least_fp32(self.lm_head(self.norm(h)))
+
+
 class EBTDecoderLayer(nn.Module):
     def __init__(self, config: EBTConfig):
         super().__init__()
@@ -309,10 +359,13 @@ class EBTModel(EBTPreTrainedModel):
         self.layers = nn.ModuleList(EBTDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         # Candidate distribution (V) -> width (D); optionally the token embedding itself.
-        self.candidate_embed = None if config.tie_candidate_embeddings else nn.Linear(config.vocab_size, config.hidden_size, bias=False)
+        self.candidate_embed = (
+            None if config.tie_candidate_embeddings else nn.Linear(config.vocab_size, config.hidden_size, bias=False)
+        )
         # One learned offset per inner step: each step may see its own energy landscape.
         self.step_embed = nn.Embedding(config.max_train_steps, config.hidden_size) if config.step_embeddings else None
         self.energy_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.draft = EBTDraftHead(config) if config.draft_head else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -334,7 +387,9 @@ class EBTModel(EBTPreTrainedModel):
         device = input_ids.device
         vocab = self.config.vocab_size
         if n == 0 or bsz == 0:
-            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: give at least one sequence of at least one token.")
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: give at least one sequence of at least one token."
+            )
         if bool((input_ids < 0).any() or (input_ids >= vocab).any()):
             raise ValueError(
                 f"input_ids holds ids outside [0, vocab_size={vocab}) (min {int(input_ids.min())}, max "
@@ -356,7 +411,9 @@ class EBTModel(EBTPreTrainedModel):
                     "(batch, cached + new tokens)."
                 )
             valid_new = attention_mask[:, t_past:].bool()
-        seen = past.key_valid.sum(1, keepdim=True) if past is not None else torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        seen = (
+            past.key_valid.sum(1, keepdim=True) if past is not None else torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        )
         positions_new = (seen + valid_new.long().cumsum(1) - 1).clamp(min=0)  # (B, n)
         key_valid = valid_new if past is None else torch.cat((past.key_valid, valid_new), 1)
 
@@ -383,12 +440,13 @@ class EBTModel(EBTPreTrainedModel):
                 k, v = k.contiguous(), v.contiguous()
             keys.append(k)
             values.append(v)
-            if i == len(self.layers) - 1:
-                break
+            if i == len(self.layers) - 1 and self.draft is None:
+                break  # the last layer's output is needed only by a draft head
             h = h + layer.self_attn.observed(q, k, v, mask)
             h = layer.feed_forward(h, gate_up_weight)
         positions = positions_new if past is None else torch.cat((past.positions, positions_new), 1)
-        return EBTContext(keys=keys, values=values, key_valid=key_valid, positions=positions)
+        draft = None if self.draft is None else self.draft(h)
+        return EBTContext(keys, values, key_valid, positions, draft_logits=draft, draft_offset=t_past)
 
     def energy_function(self, context: EBTContext, query_index: torch.Tensor):
         """The energy ``E(probs, step) -> (B, Lc)`` of candidate distributions ``probs`` (B, Lc, V).
@@ -492,6 +550,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         noise: float = 0.0,
         noise_fn=None,
         step_size_factor=None,
+        anchor: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         tolerance: float | None = None,
         accept_decrease: bool = False,
@@ -506,7 +565,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         second-order graph as the config says (candidates detached between steps, or only the last
         step second order); otherwise every step is first order and nothing returned carries a
         graph. ``step_size`` broadcasts against (B, Lc, 1); ``step_size_factor(i)`` scales it at
-        step i (a schedule). ``targets`` (B, Lc) (-100 = ignore) gives the cross-entropy after
+        step i (a schedule). ``anchor`` (B, Lc, V): the logits of q in the ``kl_weight`` term (the
+        draft; None = uniform). ``targets`` (B, Lc) (-100 = ignore) gives the cross-entropy after
         every step. ``noise_fn(step, shape)`` draws Langevin noise (seeded at inference).
         Inference only: ``tolerance`` freezes a position once a step lowers its energy by less
         than that; ``accept_decrease`` undoes a step that raised a position's energy and halves
@@ -544,7 +604,13 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 last_good = (z, z_in, p, energy, grad)
             energies.append(energy)
             alpha = step_size if step_size_factor is None else step_size * step_size_factor(i)
-            z_new = (p if cfg.update_rule == "probability" else z_in) - alpha * grad
+            if cfg.update_rule == "probability":
+                z_new = p - alpha * grad
+            elif cfg.kl_weight > 0:  # damped mirror step on E(p) + kl_weight * KL(p || q)
+                pull = alpha * cfg.kl_weight
+                z_new = (1 - pull) * z_in - alpha * grad + (0.0 if anchor is None else pull * anchor)
+            else:
+                z_new = z_in - alpha * grad
             if training:
                 z = z_new
             else:
@@ -573,16 +639,21 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         }
 
     # ---------------------------------------------------------------- starting points
-    def initial_logits(self, positions: torch.Tensor, thinking: ThinkingConfig) -> torch.Tensor:
+    def initial_logits(
+        self, positions: torch.Tensor, thinking: ThinkingConfig, draft: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Starting candidates (samples * B, Lc, V) for inference at ``positions`` (B, Lc).
 
-        Keyed on (seed, absolute position), so a sequence gets the same start alone or in any
-        batch, padded or not, and a prefix the same start as in the full sequence.
+        Noise keyed on (seed, absolute position), so a sequence gets the same start alone or in
+        any batch, padded or not, and a prefix the same start as in the full sequence. With
+        ``init="draft"`` the starts are ``draft`` (B, Lc, V) plus that noise, the first exactly it.
         """
         z = _position_normal(positions, thinking.samples, self.config.vocab_size, thinking.seed, salt=0)
         z = z * self.config.init_noise_scale
-        if thinking.init == "uniform":
-            z[0] = 0.0  # the first start is the uniform distribution, the others stay random
+        if thinking.init in ("uniform", "draft"):
+            z[0] = 0.0  # the first start is the uniform distribution / the draft, the others add noise
+        if thinking.init == "draft":
+            z = z + draft
         return z.flatten(0, 1)
 
     def starting_candidates(self, rows: torch.Tensor, length: int, seed: int) -> torch.Tensor:
@@ -650,17 +721,20 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             bsz, n = context.batch_size, len(query_index)
             positions = context.positions[:, query_index]
             if init_logits is None:
-                z0 = self.initial_logits(positions, thinking)
+                z0 = self.initial_logits(positions, thinking, context.draft(query_index) if thinking.init == "draft" else None)
             else:
                 if init_logits.shape != (bsz, n, cfg.vocab_size):
                     raise ValueError(f"init_logits has shape {tuple(init_logits.shape)}; expected {(bsz, n, cfg.vocab_size)}.")
                 z0 = init_logits.repeat(samples, 1, 1)
-            step_size = self.alpha.detach() if thinking.step_size is None else torch.tensor(thinking.step_size, device=z0.device)
+            step_size = (
+                self.alpha.detach() if thinking.step_size is None else torch.tensor(thinking.step_size, device=z0.device)
+            )
             targets = _shift_labels(labels)[:, query_index] if labels is not None else None
 
             def noise_fn(step: int, shape: torch.Size) -> torch.Tensor:
                 return _position_normal(positions, samples, cfg.vocab_size, thinking.seed, salt=step + 1).flatten(0, 1)
 
+            anchor = None if context.draft_logits is None else context.draft(query_index).repeat(samples, 1, 1)
             result = self._optimize(
                 self.model.energy_function(context.repeat(samples), query_index),
                 z0.to(_at_least_fp32(self.alpha).dtype),
@@ -670,6 +744,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 noise=thinking.noise * thinking.temperature**0.5,
                 noise_fn=noise_fn,
                 step_size_factor=thinking.step_size_factor,
+                anchor=anchor,
                 targets=targets,
                 tolerance=thinking.tolerance,
                 accept_decrease=thinking.accept_decrease,
@@ -715,7 +790,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         thinking / ``think_<field>`` keyword arguments: inference settings (eval mode only).
         """
         settings = ThinkingConfig.pop_prefixed(kwargs)
-        unknown = [k for k, v in kwargs.items() if k not in _IGNORED_FORWARD_KWARGS and not (k in _NONE_ONLY_KWARGS and v is None)]
+        unknown = [
+            k for k, v in kwargs.items() if k not in _IGNORED_FORWARD_KWARGS and not (k in _NONE_ONLY_KWARGS and v is None)
+        ]
         if unknown:
             raise TypeError(f"EBTForCausalLM.forward got unsupported arguments: {sorted(unknown)}.")
         if self.training:
@@ -733,7 +810,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         )
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), _shift_labels(labels).flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                _at_least_fp32(out.logits.flatten(0, 1)), _shift_labels(labels).flatten(), ignore_index=-100
+            )
         return EBTCausalLMOutput(
             loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
         )
@@ -759,7 +838,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         ``loss`` is the recipe's objective (what to back-propagate: the mean over steps for
         ``loss_on="all"``); ``final_loss`` the cross-entropy of the final candidates, the
         quantity evaluation reports. Without ``init_logits`` the starts come from
-        ``starting_candidates`` with a seed drawn from torch's global generator.
+        ``starting_candidates`` with a seed drawn from torch's global generator. With a draft
+        head, ``init_logits`` is an offset from the (detached) draft, and the draft's
+        cross-entropy (times ``draft_loss_weight``) joins the objective.
         ``energy_fn`` replaces the cached-context energy (the plain reference uses it).
         """
         if not torch.is_grad_enabled():
@@ -769,12 +850,17 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             )
         cfg = self.config
         bsz, length = input_ids.shape
-        if energy_fn is None:
+        context = None
+        if energy_fn is None or self.model.draft is not None:
             context = self.model.encode(input_ids, attention_mask)
+        if energy_fn is None:
             energy_fn = self.model.energy_function(context, torch.arange(length, device=input_ids.device))
         if init_logits is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
             init_logits = self.starting_candidates(torch.arange(bsz), length, seed)
+        draft = None if context is None else context.draft_logits
+        if draft is not None:
+            init_logits = draft.detach() + init_logits
         step_size = self.alpha
         if cfg.step_size_random_scale > 1:
             s = cfg.step_size_random_scale
@@ -789,17 +875,26 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             training=True,
             noise=cfg.langevin_noise,
             noise_fn=lambda step, shape: torch.randn(shape, device=input_ids.device),
+            anchor=None if draft is None else draft.detach(),
             targets=targets,
             final_energy=False,
         )
         losses = result["step_losses"]
+        objective = draft_loss = None
+        if losses is not None:
+            objective = losses.mean() if cfg.loss_on == "all" else losses[-1]
+            if draft is not None:
+                draft_loss = F.cross_entropy(draft.flatten(0, 1), targets.flatten(), ignore_index=-100)
+                objective = objective + cfg.draft_loss_weight * draft_loss
         return EBTCausalLMOutput(
-            loss=None if losses is None else (losses.mean() if cfg.loss_on == "all" else losses[-1]),
+            loss=objective,
             final_loss=None if losses is None else losses[-1].detach(),
             logits=result["z"],
             energies=result["energies"].detach(),
             step_losses=None if losses is None else losses.detach(),
             steps_taken=result["steps_taken"],
+            draft_logits=None if draft is None else draft.detach(),
+            draft_loss=None if draft_loss is None else draft_loss.detach(),
         )
 
     # Hooks of a generic training loop (train/hooks.py gives every causal LM defaults).
@@ -810,8 +905,10 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         return {"alpha": {"lr_scale": self.config.step_size_lr_multiplier, "weight_decay": 0.0}}
 
     def replay_rows(self, batch: dict[str, torch.Tensor], output: EBTCausalLMOutput) -> dict[str, torch.Tensor]:
-        """Rows for a replay buffer: the final candidates become later starts of their own sequences."""
-        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "init_logits": output.logits.detach()}
+        """Rows for a replay buffer: the final candidates become later starts of their own sequences
+        (with a draft head, as the offset from the draft that ``training_loss`` expects)."""
+        start = output.logits.detach() if output.draft_logits is None else output.logits.detach() - output.draft_logits
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "init_logits": start}
 
     def training_metrics(self, outputs: list[EBTCausalLMOutput]) -> dict[str, float]:
         """Inner-loop health over a step's micro-batches: alpha, energy drop along the steps, loss per step."""
@@ -819,6 +916,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         metrics["energy_drop"] = sum(float((o.energies[..., 0] - o.energies[..., -1]).mean()) for o in outputs) / len(outputs)
         if outputs[-1].step_losses is not None:
             metrics.update({f"step_loss_{i + 1}": float(v) for i, v in enumerate(outputs[-1].step_losses)})
+        if outputs[-1].draft_loss is not None:
+            metrics["draft_loss"] = sum(float(o.draft_loss) for o in outputs) / len(outputs)
         return metrics
 
     def validation_variants(self, think_steps: list[int]) -> dict[str, dict]:

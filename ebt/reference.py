@@ -60,7 +60,9 @@ def plain_energy(model: EBTForCausalLM, input_ids: torch.Tensor, probs: torch.Te
     for layer in base.layers:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q, k, v = (proj(x).view(bsz, 2 * length, heads, head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (
+            proj(x).view(bsz, 2 * length, heads, head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
         q, k = rope(q), rope(k)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, 2L, 2L)
         weights = torch.softmax(_at_least_fp32(scores.masked_fill(~mask, float("-inf"))), dim=-1).to(q.dtype)

@@ -66,8 +66,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from functools import lru_cache
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from functools import cache, lru_cache
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily in make_task: checkers and formats need no `datasets`
     import datasets
@@ -249,9 +250,7 @@ def _check_name(name: str) -> None:
 def _resolve_range(name: str, split: str, difficulty: dict[str, int]) -> tuple[int, int]:
     unknown = sorted(set(difficulty) - set(_DIFFICULTY_KWARGS))
     if unknown:
-        raise ValueError(
-            f"unknown keyword(s) {', '.join(unknown)} for make_task; allowed: {', '.join(_DIFFICULTY_KWARGS)}"
-        )
+        raise ValueError(f"unknown keyword(s) {', '.join(unknown)} for make_task; allowed: {', '.join(_DIFFICULTY_KWARGS)}")
     lo, hi = difficulty_ranges(name)[split]
     lo = difficulty.get("min_difficulty", lo)
     hi = difficulty.get("max_difficulty", hi)
@@ -267,8 +266,7 @@ def _resolve_range(name: str, split: str, difficulty: dict[str, int]) -> tuple[i
     train_hi = _RANGES[name]["train"][1]
     if split == "harder" and lo <= train_hi:
         raise ValueError(
-            f"the 'harder' split of {name!r} must stay above the training range "
-            f"(max {train_hi}); got min_difficulty={lo}"
+            f"the 'harder' split of {name!r} must stay above the training range (max {train_hi}); got min_difficulty={lo}"
         )
     return lo, hi
 
@@ -310,7 +308,7 @@ def _gen_addition(rng: random.Random, digits: int, harder: bool) -> tuple[str, s
 _OPEN, _CLOSE = "([{", ")]}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dyck_up_probabilities(length: int, depth: int) -> tuple[tuple[float, ...], ...] | None:
     """Uniform sampler table for bracket walks of ``length`` steps whose maximum height is
     exactly ``depth`` and that end at height >= 1 (at least one bracket left open).
@@ -422,7 +420,7 @@ def _sudoku_tables() -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
     return tuple(boards), tuple(tuple(m) for m in masks)
 
 
-def _sudoku_unique(board: str, hidden: "set[int] | tuple[int, ...]") -> bool:
+def _sudoku_unique(board: str, hidden: set[int] | tuple[int, ...]) -> bool:
     _, masks = _sudoku_tables()
     consistent = -1  # all ones
     for cell in range(16):
@@ -436,7 +434,7 @@ _SUDOKU_ENUMERATE_FROM = 11
 _RELABELINGS = tuple(str.maketrans("1234", "".join(p)) for p in itertools.permutations("1234"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sudoku_unique_patterns(blanks: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Every (board up to relabelling the digits, blank set) with a unique solution.
 
@@ -446,10 +444,7 @@ def _sudoku_unique_patterns(blanks: int) -> tuple[tuple[str, tuple[int, ...]], .
     boards, _ = _sudoku_tables()
     reps = sorted({min(b.translate(t) for t in _RELABELINGS) for b in boards})
     return tuple(
-        (rep, hidden)
-        for rep in reps
-        for hidden in itertools.combinations(range(16), blanks)
-        if _sudoku_unique(rep, hidden)
+        (rep, hidden) for rep in reps for hidden in itertools.combinations(range(16), blanks) if _sudoku_unique(rep, hidden)
     )
 
 

@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_ebt_config
 from transformers import GenerationConfig, TextStreamer
 
-from conftest import tiny_ebt_config
 from ebt import EBTForCausalLM
 from train.tokenizer import char_tokenizer
 
@@ -281,8 +281,9 @@ def test_stopping_criteria_end_each_sequence_on_its_own():
     model = EBTForCausalLM(tiny_ebt_config(intermediate_size=16, num_hidden_layers=1, step_size=500.0)).eval()
     prompt = torch.randint(1, 11, (2, 3))
     free = model.generate(prompt, max_new_tokens=8, pad_token_id=0)
-    stopped = model.generate(prompt, max_new_tokens=8, pad_token_id=0,
-                             stopping_criteria=StoppingCriteriaList([StopAtLength(torch.tensor([5, 7]))]))
+    stopped = model.generate(
+        prompt, max_new_tokens=8, pad_token_id=0, stopping_criteria=StoppingCriteriaList([StopAtLength(torch.tensor([5, 7]))])
+    )
     assert stopped.shape[1] == 7  # the longest row decides the length
     assert torch.equal(stopped[0, :5], free[0, :5]) and (stopped[0, 5:] == 0).all()
     assert torch.equal(stopped[1], free[1, :7])

@@ -20,6 +20,19 @@ RECIPES = {
     "S2": PRESETS["s2"],
     "logit": dict(update_rule="logit", step_size=1.0, train_steps=2, detach_between_steps=False),
     "mirror": dict(update_rule="mirror", step_size=5.0, train_steps=3, detach_between_steps=False, second_order="last"),
+    # draft head (own block) as the start, damped mirror steps pulled towards the draft
+    "draft": dict(
+        update_rule="mirror",
+        step_size=1.0,
+        step_size_learnable=False,
+        kl_weight=0.3,
+        draft_head=True,
+        draft_layers=1,
+        train_steps=2,
+        detach_between_steps=False,
+        second_order="last",
+        loss_on="last",
+    ),
 }
 
 
@@ -160,8 +173,16 @@ def test_training_gradient_passes_gradcheck(tiny_config, rule):
     """Full unrolled loop (no detaching, every step second order), so the analytical gradient is
     the true derivative; detached/truncated recipes deliberately drop paths and would not match."""
     cfg = tiny_config(
-        hidden_size=8, intermediate_size=8, num_hidden_layers=1, vocab_size=5, update_rule=rule, step_size=2.0,
-        train_steps=2, detach_between_steps=False, second_order="all", loss_on="all",
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        vocab_size=5,
+        update_rule=rule,
+        step_size=2.0,
+        train_steps=2,
+        detach_between_steps=False,
+        second_order="all",
+        loss_on="all",
     )
     model = _model(cfg, torch.float64).train()
     ids = torch.randint(0, 5, (2, 4), generator=torch.Generator().manual_seed(0))
@@ -206,8 +227,21 @@ def test_unknown_forward_argument_is_rejected(tiny_config):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("update_rule", "sgd"), ("train_steps", 0), ("train_steps_max", 1), ("step_size", 0.0), ("second_order", "none"),
-     ("step_size_random_scale", 0.5), ("inference_init", "zeros"), ("hidden_size", 15)],
+    [
+        ("update_rule", "sgd"),
+        ("train_steps", 0),
+        ("train_steps_max", 1),
+        ("step_size", 0.0),
+        ("second_order", "none"),
+        ("step_size_random_scale", 0.5),
+        ("inference_init", "zeros"),
+        ("hidden_size", 15),
+        ("kl_weight", 0.1),
+        ("inference_init", "draft"),
+        ("draft_layers", -1),
+        ("step_size", float("nan")),
+        ("step_size", "1e30"),
+    ],
 )
 def test_invalid_config_names_field_and_value(tiny_config, field, value):
     kwargs = {field: value}
@@ -222,7 +256,14 @@ def test_llama_twin_has_same_backbone(tiny_config):
 
     cfg = tiny_config()
     twin = llama_twin_config(cfg)
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    ):
         assert getattr(twin, field) == getattr(cfg, field)
     ebt_blocks = sum(p.numel() for n, p in EBTForCausalLM(cfg).named_parameters() if ".layers." in n)
     llama_blocks = sum(p.numel() for n, p in LlamaForCausalLM(twin).named_parameters() if ".layers." in n)
