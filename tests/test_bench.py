@@ -72,7 +72,8 @@ def test_bench_runs_at_the_smallest_size(tmp_path, capsys):
     ]
     assert eval_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| Transformer++ |" in printed and "Context reuse" in printed and "Targets" in printed
+    assert "| Transformer++ |" in printed and "Context reuse" in printed and "uncached / cached" in printed
+    assert "Targets" not in printed  # targets live in docs/bench.md; the command only measures
 
     report = json.loads(out.read_text())
     assert report["machine"]["torch_threads"] == 1
@@ -84,9 +85,7 @@ def test_bench_runs_at_the_smallest_size(tmp_path, capsys):
     assert [r["name"] for r in ctx["rows"]] == ["llama", "cached k=1", "cached k=2", "uncached k=1"]
     assert [r["think_samples"] for r in ctx["rows"]] == [None, 2, 2, 2]  # --think-samples reaches every EBT row
     assert all(r["first_token_s"] > 0 for r in ctx["rows"])
-    targets = {t["target"]: t for t in report["targets"]}
-    assert not targets["EBT S1 step / Transformer++ step"]["applies"]  # the target is set for tiny on CPU
-    assert "cached k=2 / Transformer++ per token, context 8" in targets
+    assert "targets" not in report
 
 
 def test_bench_recipes_are_the_projects_s2_at_its_dearer_step_count():
