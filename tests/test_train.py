@@ -292,13 +292,13 @@ def test_non_finite_steps_are_skipped_then_stop_keeping_the_last_checkpoint(tmp_
 
     monkeypatch.setattr(loop, "build_model", poisoned)
     trainer = loop.Trainer(tiny_run(out, "model.kind=llama", "train.max_nonfinite_steps=2", "checkpoint.every=3"))
-    with pytest.raises(loop.NonFiniteLoss, match="2 consecutive non-finite steps"):
+    with pytest.raises(loop.NonFiniteLoss, match="2 consecutive non-finite steps .*set aside as checkpoint-00000003.non"):
         trainer.run()
     rows = run_metrics(out)
     assert [r.get("skipped", 0) for r in rows] == [0, 0, 0, 1]  # step 5 raised before logging
-    assert [p.name for p in checkpoints(out / "checkpoints")] == ["checkpoint-00000003"]
-    assert not (out / "final").exists()
-    saved = load_file(out / "checkpoints" / "checkpoint-00000003" / "model.safetensors")
+    # the checkpoint written just before the streak holds the weights that gave it: set aside, not resumed
+    assert checkpoints(out / "checkpoints") == [] and not (out / "final").exists()
+    saved = load_file(out / "checkpoints" / "checkpoint-00000003.nonfinite" / "model.safetensors")
     assert saved and all(torch.isfinite(t).all() for t in saved.values())
 
 

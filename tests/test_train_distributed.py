@@ -5,6 +5,9 @@ sums a batch. Compared per step: the global loss and the global gradient norm (b
 clipping: an un-averaged gradient shows up as a different norm even where Adam's update would
 hide it), then the weights after the last step. Tolerance: relative 1e-4 on losses and norms,
 absolute 1e-4 on weights (float32 reductions in a different order; measured differences ~1e-6).
+Then the two-process run resumes (its last checkpoint and export removed, as if killed): every
+process loads the checkpoint the main process chose and its own RNG state, and the steps after
+the checkpoint repeat exactly.
 """
 
 import os
@@ -13,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from train import loop
@@ -57,3 +61,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tr
     wa, wb = _weights(two), _weights(one)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wb) < 1e-4
     assert (two / "final" / "model.safetensors").is_file()
+
+    shutil.rmtree(two / "final")
+    shutil.rmtree(checkpoints(two / "checkpoints")[-1])
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "checkpoint-00000002 at step 2" in r.stdout
+    again = run_metrics(two)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for key in ("loss", "objective", "grad_norm", "val/loss"):
+        assert [r.get(key) for r in again] == [r.get(key) for r in got], key  # exact: same processes, same order
+    assert all(torch.equal(v, wa[k]) for k, v in _weights(two).items())

@@ -1,7 +1,9 @@
 """A run SIGKILLed after a checkpoint and resumed reproduces the uninterrupted run's losses exactly.
 
 Uses the S2 recipe (random step counts and step sizes, Langevin noise, replay buffer) so that
-RNG states and the replay buffer must be restored, not just weights and optimiser.
+RNG states and the replay buffer must be restored, not just weights and optimiser. While the
+first run holds its folder a second one is refused (exit 2, naming its PID); the lock it leaves
+when SIGKILLed is held by no one, so the resumed run takes it over.
 """
 
 import os
@@ -36,19 +38,26 @@ def _launch(out, overrides):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path, train_overrides, tiny_run, run_metrics):
+def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path, train_overrides, tiny_run, run_metrics, capsys):
+    from train.__main__ import main
+
     out = tmp_path / "killed"
     proc = _launch(out, train_overrides)
     log = out / "metrics.jsonl"
     while proc.poll() is None:  # kill once step 8 is logged: checkpoint 6 exists, steps 7-8 are lost
         if log.exists() and any(r["step"] >= 8 for r in run_metrics(out)):
+            proc.send_signal(signal.SIGSTOP)  # paused, still holding its folder: a second run is refused at once
+            assert main([f"output_dir={out}", *train_overrides, *S2]) == 2
+            assert f"is in use by another training run (PID {proc.pid} on host" in capsys.readouterr().err
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, proc.stderr.read()
     assert not (out / "final").exists()
+    assert (out / "train.lock").read_text().split()[0] == str(proc.pid)  # left behind, held by no one
     resumed = _launch(out, train_overrides)
     assert resumed.wait() == 0, resumed.stderr.read()
+    assert not (out / "train.lock").exists()
 
     reference = loop.Trainer(tiny_run(tmp_path / "ref", *S2)).run()
     got, want = run_metrics(out), run_metrics(tmp_path / "ref")

@@ -552,7 +552,7 @@ def _check_shapes(path: Path, model: torch.nn.Module) -> None:
     here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         there = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    differ = [k for k in there if k in here and here[k] != there[k]]
+    differ = [k for k in here if k in there and here[k] != there[k]]  # in the model's order
     unknown = [k for k in there if k not in here]
     if differ or unknown:
         first = (
@@ -585,7 +585,7 @@ def load(
     try:
         state = json.loads((path / STATE).read_text())
         process_state = json.loads((path / f"process_{rank}.json").read_text())
-        load_model(model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
+        load_model(model, str(path / "model.safetensors"), strict=True)  # read on the CPU, copied into the parameters
         meta = json.loads((path / "optimizer.json").read_text())
         tensors = load_file(str(path / "optimizer.safetensors"))
         loaded: dict[int, dict[str, Any]] = {}

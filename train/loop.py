@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -277,13 +278,37 @@ class Trainer:
         """True when any of ``tensors`` on any process holds a NaN or an infinity (all processes agree)."""
         return bool(self.acc.reduce(C.finite_flag(tensors).to(self.acc.device), "sum").item())
 
+    def _recovery(self) -> str:
+        """What to do after a non-finite stop (the documented recovery)."""
+        ckpts = C.checkpoints(self.out / "checkpoints")
+        where = f"it resumes from {ckpts[-1]}" if ckpts else "no checkpoint is left, so it starts afresh"
+        return (
+            f"lower train.lr and re-run the command ({where}); a model setting such as model.ebt.step_size "
+            f"needs a new output_dir"
+        )
+
     def _stop_non_finite(self, when: str) -> None:
         model = self.acc.unwrap_model(self.model)
         what = C.non_finite(model, self.optimizer) or "on another process"
         raise NonFiniteWeights(
-            f"{when}: non-finite weights or optimiser state ({what}); stopped without saving. The last good "
-            f"checkpoint is in {self.out / 'checkpoints'}: lower train.lr (or the model's step size), then resume it"
+            f"{when}: non-finite weights or optimiser state ({what}); stopped without saving or exporting; {self._recovery()}"
         )
+
+    def _stop_streak(self, what: str, last_bad: int) -> None:
+        """Stop on a streak of skipped steps. The checkpoint written just before it began holds the weights
+        whose loss was non-finite: it is set aside (``checkpoint-N.nonfinite``), so a re-run does not resume it."""
+        before = last_bad - self.bad_steps  # the last step before the streak
+        suspect = self.out / "checkpoints" / f"{C.PREFIX}{before:08d}"
+        note = ""
+        self.acc.wait_for_everyone()
+        if suspect.is_dir():
+            note = f" {suspect.name}, written just before the streak, gave it and was set aside as {suspect.name}.nonfinite;"
+            if self.acc.is_main_process:
+                aside = suspect.with_name(suspect.name + ".nonfinite")
+                shutil.rmtree(aside, ignore_errors=True)  # an earlier failure at the same step
+                suspect.rename(aside)
+        self.acc.wait_for_everyone()
+        raise NonFiniteLoss(f"{what}; stopped without saving or exporting;{note} {self._recovery()}")
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns its metrics (identical on all processes)."""
@@ -323,11 +348,8 @@ class Trainer:
                 f"step {self.step + 1}: non-finite loss {loss} / objective {objective} / grad norm {grad_norm}; update skipped"
             )
             if self.bad_steps >= self.cfg.train.max_nonfinite_steps:
-                raise NonFiniteLoss(
-                    f"{self.bad_steps} consecutive non-finite steps (last at step {self.step + 1}); stopped "
-                    f"without saving. The last good checkpoint is in {self.out / 'checkpoints'}: lower train.lr "
-                    f"(or the model's step size), then resume it"
-                )
+                last = self.step + 1
+                self._stop_streak(f"{self.bad_steps} consecutive non-finite steps (the last at step {last})", last)
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update(hooks.training_metrics(model, outputs))
         return metrics
@@ -424,37 +446,35 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
         metrics: dict[str, float] = {}
         t0, tokens0 = time.perf_counter(), self.tokens_seen
-        while self.step < cfg.train.max_steps:
-            metrics = self.train_step()
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            last = self.step == cfg.train.max_steps
-            if self.step % cfg.train.log_every == 0 or last:
-                rate = (self.tokens_seen - tokens0) / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:.0f}")
-                metrics["tokens_per_s"] = rate
-            bar.update(1)
-            if self.step % cfg.eval.every == 0 or last:
-                metrics.update(self.evaluate())
-                bar.write(
-                    f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
-                )
-            self._log(metrics, extra)
-            extra = {}
-            if self.step % cfg.checkpoint.every == 0 or last or self.save_due:
-                if self.bad_steps:  # never a checkpoint inside a streak of skipped steps: after the next good one
-                    self.save_due = True
-                    acc.print(f"step {self.step}: checkpoint deferred (the step was skipped as non-finite)")
-                else:
-                    self._save()
-                    self.save_due = False
-        bar.close()
+        try:
+            while self.step < cfg.train.max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                last = self.step == cfg.train.max_steps
+                if self.step % cfg.train.log_every == 0 or last:
+                    rate = (self.tokens_seen - tokens0) / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:.0f}")
+                    metrics["tokens_per_s"] = rate
+                bar.update(1)
+                if self.step % cfg.eval.every == 0 or last:
+                    metrics.update(self.evaluate())
+                    bar.write(
+                        f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+                    )
+                self._log(metrics, extra)
+                extra = {}
+                if self.step % cfg.checkpoint.every == 0 or last or self.save_due:
+                    if self.bad_steps:  # never a checkpoint inside a streak of skipped steps: after the next good one
+                        self.save_due = True
+                        acc.print(f"step {self.step}: checkpoint deferred (the step was skipped as non-finite)")
+                    else:
+                        self._save()
+                        self.save_due = False
+        finally:
+            bar.close()  # also on an error: its message then starts a line of its own
         if self.bad_steps:
-            raise NonFiniteLoss(
-                f"the run ended in {self.bad_steps} consecutive non-finite step(s) (the last at step {self.step}); "
-                f"not exported, no final checkpoint. The last good checkpoint is in {self.out / 'checkpoints'}: "
-                f"lower train.lr (or the model's step size), then resume it"
-            )
+            self._stop_streak(f"the run ended in {self.bad_steps} consecutive non-finite step(s)", self.step)
         if not any(k.startswith("val/") for k in metrics):
             metrics.update(self.evaluate())
         if self._weights_bad(self._all_state()):

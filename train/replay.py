@@ -64,6 +64,6 @@ class ReplayBuffer:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
 
     def load(self, path: Path, device: torch.device) -> None:
-        tensors = load_file(str(path), device=str(device))
+        tensors = {k: v.to(device) for k, v in load_file(str(path)).items()}  # "cpu:0" is no safetensors device
         self.next = int(tensors.pop("next"))
         self.rows = {k[len(PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREFIX)}
