@@ -635,11 +635,20 @@ def non_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
 
 
 def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """0-dim float tensor: how many of ``tensors`` hold a NaN or an infinity (one fused max-abs per tensor)."""
-    if not tensors:
-        return torch.zeros(())
-    maxes = torch._foreach_norm(tensors, math.inf)  # NaN propagates; no overflow (unlike the 2-norm)
-    return (~torch.isfinite(torch.stack(maxes))).sum().float()
+    """0-dim float tensor (CPU): how many of ``tensors`` hold a NaN or an infinity.
+
+    One fused max-abs per device (``torch._foreach_norm`` with ord=inf: NaN propagates, and unlike
+    the 2-norm it cannot overflow on large finite weights); optimiser step counts may sit on the
+    CPU beside weights on a GPU, hence the grouping.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach())
+    bad = torch.zeros(())
+    for group in by_device.values():
+        maxes = torch._foreach_norm(group, math.inf)
+        bad += (~torch.isfinite(torch.stack(maxes))).sum().float().cpu()
+    return bad
 
 
 def _advice(path: Path) -> str:
