@@ -15,7 +15,7 @@ import ebt  # noqa: F401  (registers the EBT with the Auto classes)
 from ebt import EBTConfig
 from ebt.recipes import RECIPES
 from train import loop
-from train.checkpoint import CheckpointError, checkpoints
+from train.checkpoint import CheckpointError, checkpoints, write_manifest
 from train.config import ConfigError, RunConfig, ebt_config, load_config
 from train.replay import ReplayBuffer
 
@@ -271,6 +271,13 @@ def test_damaged_or_missing_checkpoint_falls_back_to_an_intact_one(tmp_path, tin
     with pytest.raises(CheckpointError, match="is not usable .*process_0.json is missing"):  # an explicit PATH: no fall-back
         (first / "process_0.json").unlink()
         loop.Trainer(tiny_run(out, *args, f"checkpoint.resume={first}"))
+    shutil.rmtree(out / "final")
+    state = json.loads((latest / "trainer_state.json").read_text())
+    (latest / "trainer_state.json").write_text(json.dumps(dict(state, world_size=2)))
+    (latest / "manifest.json").unlink()
+    write_manifest(latest)
+    with pytest.raises(CheckpointError, match="written by 2 processes; resume it with the same number"):
+        loop.Trainer(tiny_run(out, *args))
 
 
 def test_non_finite_steps_are_skipped_then_stop_keeping_the_last_checkpoint(tmp_path, monkeypatch, tiny_run, run_metrics):

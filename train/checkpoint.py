@@ -185,10 +185,6 @@ class Start:
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
 
-    @classmethod
-    def from_json(cls, text: str) -> Start:
-        return cls(**json.loads(text))
-
 
 class RunFolder:
     """The main process's hold on ``OUTPUT/``: its lock, and what this invocation created in it.
@@ -202,7 +198,7 @@ class RunFolder:
     def __init__(self, out: Path):
         self.out = out
         self.lock: RunLock | None = None
-        self.before: set[str] | None = None  # top-level entries before this invocation (None: no folder)
+        self.before: set[str] | None = None  # top-level entries when the lock was taken (None: not taken)
         self.created_root: Path | None = None  # the highest folder this invocation created
 
     def open(self) -> None:
@@ -210,8 +206,7 @@ class RunFolder:
         if out.exists() and not out.is_dir():
             raise CheckpointError(f"output_dir {out} is a file, not a folder; choose a folder path (nothing was written)")
         check_run_folder(out)
-        self.before = set(os.listdir(out)) if out.is_dir() else None
-        if self.before is None:
+        if not out.is_dir():
             missing = out.absolute()
             while not missing.parent.exists():
                 missing = missing.parent
@@ -219,20 +214,22 @@ class RunFolder:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise CheckpointError(f"cannot create output_dir {out}: {e.strerror or e} (nothing was written)") from None
-            self.created_root = missing
+            self.created_root = missing  # removed again only if empty: safe even if another run made it meanwhile
         try:
             self.lock = RunLock.acquire(out)
         except BaseException:
             self._remove_created_folders()
             raise
+        # Under the lock nobody else writes here: what is here now is not this invocation's to remove.
+        self.before = set(os.listdir(out))
         check_run_folder(out)  # again, under the lock: another run may have written meanwhile
 
     def abandon(self) -> None:
         """Undo a failed start (see the class docstring), then release the lock."""
         try:
-            if self.before is not None or self.created_root is not None:
+            if self.before is not None:
                 present = set(os.listdir(self.out)) if self.out.is_dir() else set()
-                for name in sorted(present - (self.before or set())):
+                for name in sorted(present - self.before):
                     if name in RUN_ENTRIES:
                         path = self.out / name
                         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -402,21 +399,8 @@ def verify(path: Path, world_size: int, replay: bool) -> str | None:
     unlisted = sorted(set(names) - set(listed) - {MANIFEST})
     if unlisted:
         return f"{', '.join(unlisted)} not in its manifest"
-    try:
-        state = json.loads((path / STATE).read_text()) if STATE in names else {}
-    except (OSError, ValueError):
-        state = {}
-    if isinstance(state, dict) and state.get("world_size") not in (None, world_size):
-        raise CheckpointError(
-            f"checkpoint {path} was written by {state.get('world_size')} processes; resume it with the same "
-            f"number ({world_size} now: per-process RNG and replay buffers are part of an exact resume)"
-        )
-    needed = ["model.safetensors", "optimizer.safetensors", "optimizer.json", STATE]
-    for rank in range(world_size):
-        needed += [f"process_{rank}.json", f"process_{rank}.safetensors"] + ([f"replay_{rank}.safetensors"] if replay else [])
-    missing = [n for n in needed if n not in listed]
-    if missing:
-        return f"it lacks {', '.join(missing)}"
+    if STATE not in listed:
+        return f"it lacks {STATE}"
     for name, entry in sorted(listed.items()):
         file = path / name
         if not file.is_file():
@@ -429,6 +413,23 @@ def verify(path: Path, world_size: int, replay: bool) -> str | None:
             return f"{name} has {file.stat().st_size} bytes, its manifest says {size}"
         if sha256(file) != digest:
             return f"{name}: SHA-256 differs from its manifest (the file was changed or damaged)"
+    try:
+        state = json.loads((path / STATE).read_text())
+        if not all(isinstance(state.get(k), int) for k in ("step", "tokens_seen", "world_size")):
+            raise ValueError
+    except (ValueError, AttributeError):
+        return f"{STATE} is malformed"
+    if state["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {state['world_size']} processes; resume it with the same "
+            f"number ({world_size} now: per-process RNG and replay buffers are part of an exact resume)"
+        )
+    needed = ["model.safetensors", "optimizer.safetensors", "optimizer.json"]
+    for rank in range(world_size):
+        needed += [f"process_{rank}.json", f"process_{rank}.safetensors"] + ([f"replay_{rank}.safetensors"] if replay else [])
+    missing = [n for n in needed if n not in listed]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
     for name in ("model.safetensors", "optimizer.safetensors"):
         bad = _first_non_finite(path / name)
         if bad:
