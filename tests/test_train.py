@@ -49,16 +49,16 @@ def test_overrides_are_typed_and_unknown_keys_listed():
 def test_model_defaults_are_ebtconfigs_own():
     """One source of model defaults: a run config that sets nothing builds EBTConfig's defaults."""
     cfg = load_config(None)
-    built, plain = ebt_config(cfg.model, vocab_size=7), EBTConfig(vocab_size=7)
+    built, plain = ebt_config(cfg.model, vocab_size=64), EBTConfig(vocab_size=64)
     assert built.to_dict() == plain.to_dict()
 
 
 def test_recipe_presets_with_overrides_on_top():
     cfg = load_config(None, ["model.recipe=s2", "model.ebt.step_size=4.0", "model.ebt.inference_steps=5"])
-    built = ebt_config(cfg.model, vocab_size=7)
+    built = ebt_config(cfg.model, vocab_size=64)
     expected = {**RECIPES["s2"], "step_size": 4.0, "inference_steps": 5}
     assert {k: getattr(built, k) for k in expected} == expected
-    s1 = ebt_config(load_config(None, ["model.recipe=s1"]).model, vocab_size=7)
+    s1 = ebt_config(load_config(None, ["model.recipe=s1"]).model, vocab_size=64)
     assert {k: getattr(s1, k) for k in RECIPES["s1"]} == RECIPES["s1"]
 
 

@@ -334,7 +334,7 @@ def test_float_settings_are_coerced_and_validated_with_one_line_exit_2(tmp_path,
 def test_model_floats_in_any_yaml_spelling(tmp_path, train_overrides, capsys):
     cfg = load_config(None, ["model.ebt.step_size=1e30", "model.ebt.langevin_noise=1e-1"])
     assert cfg.model.ebt == {"step_size": 1e30, "langevin_noise": 0.1}
-    assert ebt_config(cfg.model, vocab_size=7).step_size == 1e30
+    assert ebt_config(cfg.model, vocab_size=64).step_size == 1e30
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  ebt:\n    step_size: 1e30\n    inference_step_size: 2e0\n")  # PyYAML: strings
     assert load_config(path).model.ebt == {"step_size": 1e30, "inference_step_size": 2.0}

@@ -582,8 +582,8 @@ def load(
     foreign = _foreign([p.name for p in path.iterdir()])
     if foreign:
         raise CheckpointError(f"checkpoint {path} holds {', '.join(foreign)}, which the trainer never writes; {_advice(path)}")
-    _check_shapes(path, model)
     try:
+        _check_shapes(path, model)
         state = json.loads((path / STATE).read_text())
         process_state = json.loads((path / f"process_{rank}.json").read_text())
         load_model(model, str(path / "model.safetensors"), strict=True)  # read on the CPU, copied into the parameters
@@ -608,17 +608,16 @@ def load(
                 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != params[idx].shape:
                     raise CheckpointError(f"checkpoint {path}: optimiser state {idx}.{name} does not fit its parameter")
         optimizer.load_state_dict({"state": loaded, "param_groups": current["param_groups"]})
-        rng_tensors = load_file(str(path / f"process_{rank}.safetensors"))
         if replay is not None:
             replay.load(path / f"replay_{rank}.safetensors", accelerator.device)
+        bad = non_finite(model, optimizer)
+        if bad:
+            raise CheckpointError(f"checkpoint {path} holds non-finite values ({bad}); {_advice(path)}")
+        _set_rng_state(process_state.pop("rng"), load_file(str(path / f"process_{rank}.safetensors")))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors/torch/json raise many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {_advice(path)}") from None
-    bad = non_finite(model, optimizer)
-    if bad:
-        raise CheckpointError(f"checkpoint {path} holds non-finite values ({bad}); {_advice(path)}")
-    _set_rng_state(process_state.pop("rng"), rng_tensors)
     return state, process_state
 
 

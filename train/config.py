@@ -37,7 +37,10 @@ def _f(default: Any, help: str) -> Any:
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 # Filled in from the tokenizer when the model is built, never from the run config.
 FROM_TOKENIZER = ("vocab_size", "eos_token_id", "pad_token_id", "bos_token_id")
-PLACEHOLDER_VOCAB = 2  # load-time validation builds the EBTConfig with this vocabulary, then discards it
+# Load-time validation builds the EBTConfig with this vocabulary, then discards it. It is large so that
+# limits relative to the vocabulary (e.g. a count of negatives below vocab_size) pass here; they are
+# checked when the model is built with the tokenizer's real vocabulary (still a ConfigError, exit 2).
+PLACEHOLDER_VOCAB = 1 << 30
 
 
 def _ebt_default(name: str) -> Any:
