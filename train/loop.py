@@ -299,15 +299,15 @@ class Trainer:
         whose loss was non-finite: it is set aside (``checkpoint-N.nonfinite``), so a re-run does not resume it."""
         before = last_bad - self.bad_steps  # the last step before the streak
         suspect = self.out / "checkpoints" / f"{C.PREFIX}{before:08d}"
-        note = ""
+        found = suspect.is_dir()  # looked at by every process before the main one moves it
+        note = f" {suspect.name}, written just before the streak, gave it and was set aside as {suspect.name}.nonfinite;"
         self.acc.wait_for_everyone()
-        if suspect.is_dir():
-            note = f" {suspect.name}, written just before the streak, gave it and was set aside as {suspect.name}.nonfinite;"
-            if self.acc.is_main_process:
-                aside = suspect.with_name(suspect.name + ".nonfinite")
-                shutil.rmtree(aside, ignore_errors=True)  # an earlier failure at the same step
-                suspect.rename(aside)
+        if found and self.acc.is_main_process:
+            aside = suspect.with_name(suspect.name + ".nonfinite")
+            shutil.rmtree(aside, ignore_errors=True)  # an earlier failure at the same step
+            suspect.rename(aside)
         self.acc.wait_for_everyone()
+        note = note if found else ""
         raise NonFiniteLoss(f"{what}; stopped without saving or exporting;{note} {self._recovery()}")
 
     def train_step(self) -> dict[str, float]:
