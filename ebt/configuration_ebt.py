@@ -236,6 +236,11 @@ class EBTConfig(PreTrainedConfig):
     draft_layers: int = 0
     draft_loss_weight: float = 1.0
     draft_stop_gradient: bool = False
+    # Energies that rank: cross-entropy over the energies of the true token's one-hot candidate
+    # and contrastive_negatives wrong one-hots (half the model's own most likely wrong tokens, half
+    # random), weighted by contrastive_weight, so confident wrong answers are pushed up.
+    contrastive_weight: float = 0.0
+    contrastive_negatives: int = 8
 
     # What thinking callers get by default: one ``inference_<field>`` per ThinkingConfig field.
     inference_steps: int | None = None
@@ -288,6 +293,7 @@ class EBTConfig(PreTrainedConfig):
             "initializer_range",
             "kl_weight",
             "draft_loss_weight",
+            "contrastive_weight",
         ):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "must be a finite number >= 0")
@@ -302,6 +308,8 @@ class EBTConfig(PreTrainedConfig):
             raise bad("train_steps_max", f"must be None or an integer >= train_steps={self.train_steps}")
         if not (_is_int(self.draft_layers) and self.draft_layers >= 0):
             raise bad("draft_layers", "must be an integer >= 0")
+        if not (_is_int(self.contrastive_negatives) and 1 <= self.contrastive_negatives < self.vocab_size):
+            raise bad("contrastive_negatives", f"must be an integer in [1, vocab_size={self.vocab_size})")
         if self.kl_weight > 0:
             if self.update_rule != "mirror":
                 raise bad("kl_weight", "needs update_rule='mirror' (the damped mirror step)")

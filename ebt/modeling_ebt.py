@@ -73,7 +73,7 @@ class EBTCausalLMOutput(ModelOutput):
     final_loss: training only: the (detached) cross-entropy of the final candidates, while
         ``loss`` is the recipe's objective; in evaluation ``loss`` is that cross-entropy.
     draft_logits, draft_loss: training with a draft head: its proposals (B, L, V) and their
-        cross-entropy (both detached).
+        cross-entropy (both detached). contrastive_loss: training with ``contrastive_weight``.
     """
 
     loss: torch.FloatTensor | None = None
@@ -84,6 +84,7 @@ class EBTCausalLMOutput(ModelOutput):
     final_loss: torch.FloatTensor | None = None
     draft_logits: torch.FloatTensor | None = None
     draft_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -880,12 +881,17 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             final_energy=False,
         )
         losses = result["step_losses"]
-        objective = draft_loss = None
+        objective = draft_loss = contrastive = None
         if losses is not None:
             objective = losses.mean() if cfg.loss_on == "all" else losses[-1]
             if draft is not None:
                 draft_loss = F.cross_entropy(draft.flatten(0, 1), targets.flatten(), ignore_index=-100)
                 objective = objective + cfg.draft_loss_weight * draft_loss
+            if cfg.contrastive_weight > 0:
+                contrastive = self._contrastive_loss(
+                    energy_fn, result["z"].detach(), targets, int(result["steps_taken"].max())
+                )
+                objective = objective + cfg.contrastive_weight * contrastive
         return EBTCausalLMOutput(
             loss=objective,
             final_loss=None if losses is None else losses[-1].detach(),
@@ -895,7 +901,24 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             steps_taken=result["steps_taken"],
             draft_logits=None if draft is None else draft.detach(),
             draft_loss=None if draft_loss is None else draft_loss.detach(),
+            contrastive_loss=None if contrastive is None else contrastive.detach(),
         )
+
+    def _contrastive_loss(self, energy_fn, z: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
+        """Cross-entropy of the true token among wrong ones, scored by the energies (lower = more
+        likely) of one-hot candidates. ``targets`` (B, L); ``z`` (B, L, V) the final candidates,
+        whose most likely wrong tokens are the hard negatives; the rest are uniformly random wrong
+        tokens (torch's global generator)."""
+        cfg = self.config
+        vocab, k = cfg.vocab_size, cfg.contrastive_negatives
+        true = targets.clamp(min=0)  # ignored positions (-100) are scored, then dropped by the loss
+        hard = z.scatter(-1, true[..., None], float("-inf")).topk(k - k // 2, dim=-1).indices  # (B, L, k - k//2)
+        offset = torch.randint(1, vocab, (*true.shape, k // 2), device=z.device)
+        rand = (true[..., None] + offset) % vocab  # uniform over the wrong tokens
+        tokens = torch.cat((true[..., None], hard, rand), dim=-1)  # (B, L, 1 + k); index 0 is the truth
+        energies = torch.stack([energy_fn(F.one_hot(tokens[..., j], vocab).to(z.dtype), step) for j in range(k + 1)], -1)
+        labels = torch.where(targets >= 0, 0, -100)
+        return F.cross_entropy((-energies).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # Hooks of a generic training loop (train/hooks.py gives every causal LM defaults).
     def optimizer_overrides(self) -> dict[str, dict[str, float]]:
@@ -916,8 +939,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         metrics["energy_drop"] = sum(float((o.energies[..., 0] - o.energies[..., -1]).mean()) for o in outputs) / len(outputs)
         if outputs[-1].step_losses is not None:
             metrics.update({f"step_loss_{i + 1}": float(v) for i, v in enumerate(outputs[-1].step_losses)})
-        if outputs[-1].draft_loss is not None:
-            metrics["draft_loss"] = sum(float(o.draft_loss) for o in outputs) / len(outputs)
+        for name in ("draft_loss", "contrastive_loss"):
+            if getattr(outputs[-1], name) is not None:
+                metrics[name] = sum(float(getattr(o, name)) for o in outputs) / len(outputs)
         return metrics
 
     def validation_variants(self, think_steps: list[int]) -> dict[str, dict]:

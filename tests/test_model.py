@@ -32,6 +32,8 @@ RECIPES = {
         detach_between_steps=False,
         second_order="last",
         loss_on="last",
+        contrastive_weight=0.5,
+        contrastive_negatives=4,
     ),
 }
 
@@ -373,3 +375,43 @@ def test_tiny_model_learns_and_thinking_lowers_energy(tiny_config):
     drop = float(mean_energy[0] - mean_energy[-1])
     assert drop > 0.1 * float(mean_energy.abs().max()), mean_energy.tolist()
     assert abs(float(mean_energy[-1] - mean_energy[-2])) < 0.05 * drop, mean_energy.tolist()
+
+
+def test_contrastive_term_pushes_wrong_tokens_up_and_the_true_token_down(tiny_config):
+    """One gradient step on the vocabulary-contrastive loss alone lowers the energy of the true
+    token's one-hot candidate relative to every wrong one (the mean margin over all V - 1 wrong
+    tokens grows), and the loss equals the cross-entropy of -energies with the truth first."""
+    torch.manual_seed(0)
+    model = _model(tiny_config(contrastive_weight=1.0, contrastive_negatives=4), torch.float64).train()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (4, 8), generator=gen)
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    z = torch.randn(4, 8, 11, generator=gen, dtype=torch.float64)
+
+    def margin() -> torch.Tensor:
+        with torch.no_grad():
+            energy = model.model.energy_function(model.model.encode(ids), torch.arange(8))
+            every = torch.stack([energy(torch.eye(11, dtype=torch.float64)[v].expand(4, 8, 11), 1) for v in range(11)], -1)
+        true = every[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        return (every[:, :-1].sum(-1) - true) / 10 - true  # mean wrong energy minus true energy
+
+    before = margin()
+    energy = model.model.energy_function(model.model.encode(ids), torch.arange(8))
+    torch.manual_seed(5)
+    loss = model._contrastive_loss(energy, z, targets, 1)
+    # the same negatives by hand: truth first, then the 2 likeliest wrong tokens of z, then 2 random
+    torch.manual_seed(5)
+    true = targets.clamp(min=0)
+    hard = z.scatter(-1, true[..., None], float("-inf")).topk(2, dim=-1).indices
+    rand = (true[..., None] + torch.randint(1, 11, (4, 8, 2))) % 11
+    tokens = torch.cat((true[..., None], hard, rand), -1)
+    with torch.no_grad():
+        energies = torch.stack([energy(torch.eye(11, dtype=torch.float64)[tokens[..., j]], 1) for j in range(5)], -1)
+    by_hand = torch.nn.functional.cross_entropy(-energies[:, :-1].flatten(0, 1), torch.zeros(28, dtype=torch.long))
+    torch.testing.assert_close(loss.detach(), by_hand)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    assert (margin() - before).mean() > 0, (margin() - before).mean()
