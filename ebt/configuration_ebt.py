@@ -308,7 +308,9 @@ class EBTConfig(PreTrainedConfig):
             raise bad("train_steps_max", f"must be None or an integer >= train_steps={self.train_steps}")
         if not (_is_int(self.draft_layers) and self.draft_layers >= 0):
             raise bad("draft_layers", "must be an integer >= 0")
-        if not (_is_int(self.contrastive_negatives) and 1 <= self.contrastive_negatives < self.vocab_size):
+        if self.contrastive_weight > 0 and not (
+            _is_int(self.contrastive_negatives) and 1 <= self.contrastive_negatives < self.vocab_size
+        ):
             raise bad("contrastive_negatives", f"must be an integer in [1, vocab_size={self.vocab_size})")
         if self.kl_weight > 0:
             if self.update_rule != "mirror":
