@@ -522,6 +522,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         Inference only: training keeps the eager path, because compiled double backward has known
         silent-wrong-gradient reports. The first call compiles (tens of seconds on a CPU); the
         result equals the eager loop to float rounding (tested). ``options`` go to ``torch.compile``.
+        torch's kernel cache does not key on ``ATEN_CPU_CAPABILITY``: after changing it, point
+        ``TORCHINDUCTOR_CACHE_DIR`` at a fresh folder.
         """
         self._compiled_energy_and_grad = torch.compile(self._energy_and_grad, dynamic=True, **options)
 
