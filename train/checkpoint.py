@@ -7,8 +7,8 @@ Layout of ``OUTPUT/``::
     tokenizer/                 built once, re-used on resume
     metrics.jsonl              one line per step (and per validation)
     checkpoints/checkpoint-00000100/
-        model.safetensors                       the unwrapped model's weights
-        optimizer.safetensors, optimizer.json   optimiser state: tensors / everything else
+        model.safetensors                       the model's full weights (gathered when sharded)
+        optimizer.safetensors, optimizer.json   optimiser state, full (gathered): tensors / everything else
         process_<rank>.json                     data position, RNG scalars (python, numpy)
         process_<rank>.safetensors              RNG states (torch CPU and CUDA, numpy, python)
         replay_<rank>.safetensors               the process's replay buffer (S2 recipe)
@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -481,9 +482,8 @@ def _set_rng_state(scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """An optimiser's state dict as (JSON, tensors): each tensor ``state.<param index>.<name>``."""
-    sd = optimizer.state_dict()
+def _optimizer_files(sd: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimiser's (full) state dict as (JSON, tensors): each tensor ``state.<param index>.<name>``."""
     tensors, other = {}, {}
     for idx, entries in sd["state"].items():
         for name, value in entries.items():
@@ -500,12 +500,15 @@ def save(
     step: int,
     state: dict,
     process_state: dict,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    optimizer_state: dict | None,
     replay: ReplayBuffer | None,
     keep_last: int,
 ) -> Path:
-    """Save everything needed to continue exactly (all processes call this; ``model`` unwrapped)."""
+    """Save everything needed to continue exactly (all processes call this).
+
+    ``model``: the unwrapped model, or its full weights (gathered from the shards); ``optimizer_state``:
+    the full optimiser state dict in ``torch.optim`` form, needed on the main process only."""
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{final.name}.tmp"
     rank = accelerator.process_index
@@ -513,9 +516,12 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash mid-save
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # model and optimiser are the same on every process (DDP)
-        save_model(model, str(tmp / "model.safetensors"))
-        meta, tensors = _optimizer_files(optimizer)
+    if accelerator.is_main_process:  # full weights and optimiser state, gathered beforehand when sharded
+        if isinstance(model, dict):
+            save_file({k: v.contiguous().cpu() for k, v in model.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        meta, tensors = _optimizer_files(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
     rng_scalars, rng_tensors = _rng_state()
@@ -569,24 +575,42 @@ def _check_shapes(path: Path, model: torch.nn.Module) -> None:
         )
 
 
-def load(
-    accelerator: Any, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, replay: ReplayBuffer | None
-) -> tuple[dict, dict]:
-    """Restore model (unwrapped), optimiser state, this process's RNG and replay buffer from a verified checkpoint.
+@dataclass
+class OptimizerIO:
+    """How :func:`load` restores an optimiser whatever its sharding (``train/sharding.py``)."""
+
+    shapes: list[tuple[int, ...]]  # full shape of each parameter, in the optimiser's order
+    groups: list[dict]  # this run's param groups: hyper-parameters and "size" (number of parameters)
+    load: Callable[[dict], None]  # loads a full state dict in torch.optim form (each process keeps its share)
+    non_finite: Callable[[], str | None]  # the first non-finite weight or optimiser value of this process
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's full weights into the (not yet wrapped) model, on every process."""
+    foreign = _foreign([p.name for p in path.iterdir()])
+    if foreign:
+        raise CheckpointError(f"checkpoint {path} holds {', '.join(foreign)}, which the trainer never writes; {_advice(path)}")
+    try:
+        _check_shapes(path, model)
+        load_model(model, str(path / "model.safetensors"), strict=True)  # read on the CPU, copied into the parameters
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise many types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {_advice(path)}") from None
+
+
+def load(accelerator: Any, path: Path, optimizer: OptimizerIO, replay: ReplayBuffer | None) -> tuple[dict, dict]:
+    """Restore optimiser state, this process's RNG and replay buffer from a verified checkpoint whose
+    weights :func:`load_weights` loaded.
 
     Returns (trainer state, process state). The optimiser keeps its current param groups (the
     run's config: learning rates and the like may change on resume); only per-parameter state
     is loaded, and checked against the parameters' shapes.
     """
     rank = accelerator.process_index
-    foreign = _foreign([p.name for p in path.iterdir()])
-    if foreign:
-        raise CheckpointError(f"checkpoint {path} holds {', '.join(foreign)}, which the trainer never writes; {_advice(path)}")
     try:
-        _check_shapes(path, model)
         state = json.loads((path / STATE).read_text())
         process_state = json.loads((path / f"process_{rank}.json").read_text())
-        load_model(model, str(path / "model.safetensors"), strict=True)  # read on the CPU, copied into the parameters
         meta = json.loads((path / "optimizer.json").read_text())
         tensors = load_file(str(path / "optimizer.safetensors"))
         loaded: dict[int, dict[str, Any]] = {}
@@ -595,22 +619,27 @@ def load(
             loaded.setdefault(int(idx), {})[name] = value
         for idx, entries in meta["state"].items():
             loaded.setdefault(int(idx), {}).update(entries)
-        current = optimizer.state_dict()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         saved_sizes = [len(g["params"]) for g in meta["param_groups"]]
-        if saved_sizes != [len(g["params"]) for g in current["param_groups"]] or set(loaded) - set(range(len(params))):
+        sizes_now = [g["size"] for g in optimizer.groups]
+        if saved_sizes != sizes_now or set(loaded) - set(range(len(optimizer.shapes))):
             raise CheckpointError(
                 f"checkpoint {path}: its optimiser has parameter groups of sizes {saved_sizes}, this run's "
-                f"{[len(g['params']) for g in current['param_groups']]}; resume it with the settings it was written with"
+                f"{sizes_now}; resume it with the settings it was written with"
             )
         for idx, entries in loaded.items():
             for name, t in entries.items():
-                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != params[idx].shape:
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != optimizer.shapes[idx]:
                     raise CheckpointError(f"checkpoint {path}: optimiser state {idx}.{name} does not fit its parameter")
-        optimizer.load_state_dict({"state": loaded, "param_groups": current["param_groups"]})
+        # The run's own hyper-parameters (resumable changes apply), the saved per-parameter state.
+        groups, first = [], 0
+        for group in optimizer.groups:
+            hyper = {k: v for k, v in group.items() if k != "size"}
+            groups.append(dict(hyper, params=list(range(first, first + group["size"]))))
+            first += group["size"]
+        optimizer.load({"state": loaded, "param_groups": groups})
         if replay is not None:
             replay.load(path / f"replay_{rank}.safetensors", accelerator.device)
-        bad = non_finite(model, optimizer)
+        bad = optimizer.non_finite()
         if bad:
             raise CheckpointError(f"checkpoint {path} holds non-finite values ({bad}); {_advice(path)}")
         _set_rng_state(process_state.pop("rng"), load_file(str(path / f"process_{rank}.safetensors")))
@@ -621,13 +650,14 @@ def load(
     return state, process_state
 
 
-def non_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
-    """The name of the first non-finite parameter (or optimiser state tensor), or None."""
+def non_finite(model: torch.nn.Module, optimizer_state: dict | None = None) -> str | None:
+    """The name of the first non-finite parameter (or optimiser state tensor: ``optimizer_state`` maps
+    parameters to their state), or None. Sees this process's shards only."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             return f"parameter {name}"
-    if optimizer is not None:
-        for idx, entries in enumerate(optimizer.state.values()):
+    if optimizer_state is not None:
+        for idx, entries in enumerate(optimizer_state.values()):
             for key, t in entries.items():
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     return f"optimiser state {idx}.{key}"
@@ -643,7 +673,8 @@ def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t.detach())
+        if t.numel():  # an empty shard (FSDP) has no maximum
+            by_device.setdefault(t.device, []).append(t.detach())
     bad = torch.zeros(())
     for group in by_device.values():
         maxes = torch._foreach_norm(group, math.inf)

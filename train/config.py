@@ -154,6 +154,11 @@ class TrainConfig:
     beta2: float = _f(0.999, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0: no clipping, still logged)")
     mixed_precision: str = _f("auto", "'auto' (bf16 on GPUs that support it), 'bf16' or 'fp32'")
+    sharding: str = _f(
+        "none",
+        "several processes: 'none' (DDP), 'zero' (DDP + optimiser state sharded), 'fsdp_grad_op' (+ gradients), "
+        "'fsdp_full' (+ parameters at rest); see docs/training.md",
+    )
     replay_buffer_size: int = _f(
         0, "EBT S2 recipe: past final candidates kept per process, in rows (0: off; needs a model with replay_rows)"
     )
@@ -291,6 +296,7 @@ def validate(cfg: RunConfig) -> None:
         "tokenizer.model_type": (cfg.tokenizer.model_type, ("bpe", "unigram")),
         "data.sample_by": (cfg.data.sample_by, ("document", "paragraph", "line")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "bf16", "fp32")),
+        "train.sharding": (cfg.train.sharding, ("none", "zero", "fsdp_full", "fsdp_grad_op")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

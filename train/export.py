@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from train.config import RunConfig, dump_yaml
@@ -22,9 +23,11 @@ def _data_line(cfg: RunConfig) -> str:
     return f"`{d.source}`" + (f" ({d.hub_config})" if d.hub_config else "")
 
 
-def model_card(model: PreTrainedModel, cfg: RunConfig, tokens: int, steps: int, metrics: dict[str, float]) -> str:
+def model_card(
+    model: PreTrainedModel, cfg: RunConfig, tokens: int, steps: int, metrics: dict[str, float], params: int | None = None
+) -> str:
     kind = TITLES.get(cfg.model.kind, type(model).__name__)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) if params is None else params
     results = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
     package = type(model).__module__.split(".")[0]
     custom = package != "transformers"  # model code outside transformers: import it, or trust the folder's copy
@@ -82,11 +85,20 @@ def export(
     tokens: int,
     steps: int,
     metrics: dict[str, float],
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``out/final`` (main process only) and push it when ``hub.push_to_hub``."""
+    """Write ``out/final`` (main process only) and push it when ``hub.push_to_hub``.
+
+    ``weights``: the full weights when ``model`` holds only its shard (FSDP; gathered by every process)."""
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    params = None
+    if weights is None:
+        model.save_pretrained(str(tmp))
+    else:
+        model.save_pretrained(str(tmp), state_dict={k: v.cpu() for k, v in weights.items()})
+        names = {n for n, _ in model.named_parameters()}
+        params = sum(v.numel() for k, v in weights.items() if k in names)
     tokenizer.save_pretrained(str(tmp))
     GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
@@ -96,7 +108,7 @@ def export(
         # and clients (pipelines, lm-eval) pass their own max_new_tokens / max_length.
         max_length=model.config.max_position_embeddings,
     ).save_pretrained(str(tmp))
-    (tmp / "README.md").write_text(model_card(model, cfg, tokens, steps, metrics))
+    (tmp / "README.md").write_text(model_card(model, cfg, tokens, steps, metrics, params))
     (tmp / "run_config.yaml").write_text(dump_yaml(cfg))
     if final.exists():  # this run's own earlier export (the run folder holds one run only)
         shutil.rmtree(final)

@@ -49,6 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from train import checkpoint as C
 from train import data as D
 from train import hooks
+from train import sharding as S
 from train.batches import training_batches, val_rows
 from train.config import RunConfig, TrainConfig, flat, to_dict
 from train.export import export
@@ -98,17 +99,22 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Ac
         raise ValueError(f"{launched} processes were launched but {acc.num_processes} joined the process group")
     if acc.distributed_type not in SUPPORTED:
         raise ValueError(
-            f"distributed type {acc.distributed_type.value} is not supported: the EBT's second-order "
-            f"gradients are only verified under DDP (FSDP2 with create_graph=True errors or returns no "
-            f"gradients, pytorch#172543). Launch with a DDP config, e.g. "
-            f"accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m train ..."
+            f"distributed type {acc.distributed_type.value} is not supported: the trainer shards the model "
+            f"itself (train.sharding=zero|fsdp_full|fsdp_grad_op, each tested equal to one process with the "
+            f"EBT's second-order gradients). Accelerate's FSDP plugin is not used: FSDP2 with create_graph=True "
+            f"errors or returns no gradients (pytorch#172543), per-layer FSDP1 units miss the EBT's re-use of "
+            f"layer weights, and on CPU the plugin silently falls back to DDP, so it cannot be tested; "
+            f"DeepSpeed is not integrated (its engine owns backward, optimiser and checkpoints). Launch with a "
+            f"DDP config, e.g. accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m train ... "
+            f"train.sharding=fsdp_full"
         )
     return acc
 
 
 def build_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW: matrices decay, vectors (norms) don't; a parameter the model overrides gets its own group
-    with ``lr * lr_scale`` and its own weight decay (the EBT's learnable step size)."""
+    with ``lr * lr_scale`` and its own weight decay (the EBT's learnable step size). Built on the
+    unwrapped model, before any sharding flattens its parameters (``train/sharding.py``)."""
     overrides = hooks.optimizer_overrides(model)
     named = dict(model.named_parameters())
     unknown = sorted(set(overrides) - set(named))
@@ -153,7 +159,7 @@ class Trainer:
             if self.finished:  # nothing to do, and nothing is touched
                 return
             self._setup()
-            if self.resume_from is not None:
+            if self.resume_from is not None:  # the rest: optimiser, RNG, replay, data position
                 self._load()
         except BaseException:
             if self.folder is not None:  # remove what this start created, nothing else; release the lock
@@ -185,11 +191,14 @@ class Trainer:
         cfg, t, world = self.cfg, self.cfg.train, self.acc.num_processes
         set_seed(t.seed)
         self.tokenizer, blocks = self._data()
-        self.model = build_model(cfg.model, self.tokenizer)
+        model = build_model(cfg.model, self.tokenizer)
         set_seed(t.seed + self.acc.process_index)  # the model's own draws differ per process
-        self.optimizer = build_optimizer(self.model, t)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the schedule's peaks, per group
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self.resume_from is not None:  # full weights, into the model before any wrapping shards them
+            C.load_weights(self.resume_from, model)
+        optimizer = build_optimizer(model, t)
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]  # the schedule's peaks, per group
+        self.sharding = S.Sharding(t.sharding, self.acc)
+        self.model, self.optimizer = self.sharding.prepare(model, optimizer)
         self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.replay = ReplayBuffer(t.replay_buffer_size) if t.replay_buffer_size else None
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * world
@@ -215,11 +224,20 @@ class Trainer:
         return tokenizer, blocks
 
     def _load(self) -> None:
-        """Weights, optimiser state, RNG, replay buffer and data position from the (verified) checkpoint."""
-        model = self.acc.unwrap_model(self.model)
-        state, process_state = C.load(self.acc, self.resume_from, model, self.optimizer, self.replay)
+        """Optimiser state, RNG, replay buffer and data position from the (verified) checkpoint (its weights
+        were loaded into the model before wrapping: ``_setup``)."""
+        state, process_state = C.load(self.acc, self.resume_from, self._optimizer_io(), self.replay)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.batches.load_state_dict(process_state["data"])
+
+    def _optimizer_io(self) -> C.OptimizerIO:
+        sh, model, opt = self.sharding, self.model, self.optimizer
+        return C.OptimizerIO(
+            shapes=sh.shapes,
+            groups=[{k: v for k, v in g.items() if k != "params"} | {"size": len(g["params"])} for g in opt.param_groups],
+            load=lambda sd: sh.load_optimizer_state(model, opt, sd),
+            non_finite=lambda: C.non_finite(sh.module, sh.local_optimizer_state(opt)),
+        )
 
     def _resume_log(self) -> None:
         """Drop what the interrupted run logged after the checkpoint (and a line torn by a kill)."""
@@ -243,7 +261,7 @@ class Trainer:
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches of the current global batch, with the model's extra inputs."""
         t, rank, world = self.cfg.train, self.acc.process_index, self.acc.num_processes
-        model = self.acc.unwrap_model(self.model)
+        model = self.sharding.module
         seed = t.seed * STEP_SEED + self.step  # the same on every process: starts depend on the global row only
         mbs = []
         for m in range(t.grad_accum_steps):
@@ -288,8 +306,8 @@ class Trainer:
         )
 
     def _stop_non_finite(self, when: str) -> None:
-        model = self.acc.unwrap_model(self.model)
-        what = C.non_finite(model, self.optimizer) or "on another process"
+        model = self.sharding.module
+        what = C.non_finite(model, self.sharding.local_optimizer_state(self.optimizer)) or "on another process"
         raise NonFiniteWeights(
             f"{when}: non-finite weights or optimiser state ({what}); stopped without saving or exporting; {self._recovery()}"
         )
@@ -314,16 +332,16 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics (identical on all processes)."""
         lr = self._set_lr()
         mbs = self._micro_batches()
-        model = self.acc.unwrap_model(self.model)
+        model, sh = self.sharding.module, self.sharding
         counts = [scored(mb["labels"]) for mb in mbs]
         total = self.acc.reduce(torch.tensor(float(sum(counts)), device=self.acc.device), "sum").item()
         world = self.acc.num_processes
         sums = torch.zeros(2, device=self.acc.device)  # token-weighted final-prediction loss, objective
         outputs = []
         for m, (mb, n) in enumerate(zip(mbs, counts)):
-            sync = nullcontext() if m == len(mbs) - 1 else self.acc.no_sync(self.model)
-            with sync:
-                out = self.model(**mb)
+            with sh.no_sync(self.model, m == len(mbs) - 1):
+                with self.acc.autocast() if sh.own_autocast else nullcontext():
+                    out = self.model(**mb)
                 # DDP averages over processes, hence * world: the sum is the global token mean.
                 self.acc.backward(out.loss * (n * world / max(total, 1.0)))
             sums += torch.stack([hooks.final_loss(out).float(), out.loss.detach().float()]) * n
@@ -332,7 +350,7 @@ class Trainer:
                 self.replay.add(hooks.replay_rows(model, mb, out))
         loss, objective = (self.acc.reduce(sums, "sum") / max(total, 1.0)).tolist()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = sh.clip_grad_norm(self.model, clip)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
         if hooks.has_objective(outputs[-1]):
             metrics["objective"] = objective
@@ -351,14 +369,16 @@ class Trainer:
                 last = self.step + 1
                 self._stop_streak(f"{self.bad_steps} consecutive non-finite steps (the last at step {last})", last)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(hooks.training_metrics(model, outputs))
+        with sh.full_parameters(self.model):  # the model's health metrics read its (sharded) weights
+            metrics.update(hooks.training_metrics(model, outputs))
         return metrics
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-weighted validation loss and perplexity, also of the model's validation variants."""
-        model = self.acc.unwrap_model(self.model)
+        model = self.sharding.module
+        forward = self.sharding.eval_model(self.model)
         model.eval()
         variants = hooks.validation_variants(model, self.cfg.eval.think_steps)
         sums = torch.zeros(len(variants) + 1, device=self.acc.device)
@@ -367,7 +387,7 @@ class Trainer:
             n = scored(labels)
             with self.acc.autocast():
                 for i, kwargs in enumerate(variants.values()):
-                    sums[i] += model(ids, labels=labels, **kwargs).loss.float() * n
+                    sums[i] += forward(ids, labels=labels, **kwargs).loss.float() * n
             sums[-1] += n
         sums = self.acc.reduce(sums, "sum")
         model.train()
@@ -390,9 +410,10 @@ class Trainer:
         self.acc.log(metrics, step=self.step)
 
     def _all_state(self) -> list[torch.Tensor]:
-        model = self.acc.unwrap_model(self.model)
-        opt = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.is_floating_point()]
-        return [p for p in model.parameters() if p.is_floating_point()] + opt
+        """This process's weights and optimiser state (its shards): checks reduce over all processes."""
+        state = self.sharding.local_optimizer_state(self.optimizer)
+        opt = [t for s in state.values() for t in s.values() if torch.is_tensor(t) and t.is_floating_point()]
+        return [p for p in self.sharding.module.parameters() if p.is_floating_point()] + opt
 
     def _save(self) -> None:
         if self._weights_bad(self._all_state()):
@@ -404,8 +425,8 @@ class Trainer:
             self.step,
             state,
             {"data": self.batches.state_dict()},
-            self.acc.unwrap_model(self.model),
-            self.optimizer,
+            self.sharding.model_state(self.model) or self.sharding.module,
+            self.sharding.optimizer_state(self.model, self.optimizer),
             self.replay,
             self.cfg.checkpoint.keep_last,
         )
@@ -479,8 +500,9 @@ class Trainer:
             metrics.update(self.evaluate())
         if self._weights_bad(self._all_state()):
             self._stop_non_finite("before the export")
+        weights = self.sharding.model_state(self.model)  # gathered by every process under FSDP
         if acc.is_main_process:
-            export(acc.unwrap_model(self.model), self.tokenizer, self.out, cfg, self.tokens_seen, self.step, metrics)
+            export(self.sharding.module, self.tokenizer, self.out, cfg, self.tokens_seen, self.step, metrics, weights)
         acc.wait_for_everyone()
         acc.end_training()
         return metrics
