@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo, DDP) train like one process with the same global batch.
+"""Two CPU processes (torchrun, gloo) train like one process with the same global batch: under DDP
+and under each sharded mode (``train.sharding``: zero, fsdp_grad_op, fsdp_full).
 
 The EBT's training is second order; DDP must average its gradients exactly like one process
 sums a batch. Compared per step: the global loss and the global gradient norm (before
@@ -7,7 +8,9 @@ hide it), then the weights after the last step. Tolerance: relative 1e-4 on loss
 absolute 1e-4 on weights (float32 reductions in a different order; measured differences ~1e-6).
 Then the two-process run resumes (its last checkpoint and export removed, as if killed): every
 process loads the checkpoint the main process chose and its own RNG state, and the steps after
-the checkpoint repeat exactly.
+the checkpoint repeat exactly. The sharded modes write the same checkpoint format (full weights
+and optimiser state, gathered), so their checkpoints and export equal DDP's, and they resume the
+same way.
 """
 
 import os
@@ -30,22 +33,16 @@ def _weights(out):
     return load_file(checkpoints(out / "checkpoints")[-1] / "model.safetensors")
 
 
+def _torchrun(out, overrides, *extra):
+    return ["torchrun", "--nproc_per_node", "2", "-m", "train", f"output_dir={out}", *overrides, *RUN, *extra]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, train_overrides, tiny_run, run_metrics):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "train",
-        f"output_dir={two}",
-        *train_overrides,
-        *RUN,
-        "train.micro_batch_size=2",
-    ]
+    cmd = _torchrun(two, train_overrides, "train.micro_batch_size=2")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     one = tmp_path / "one"
@@ -71,4 +68,51 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tr
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     for key in ("loss", "objective", "grad_norm", "val/loss"):
         assert [r.get(key) for r in again] == [r.get(key) for r in got], key  # exact: same processes, same order
+    assert all(torch.equal(v, wa[k]) for k, v in _weights(two).items())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.parametrize("mode", ["zero", "fsdp_grad_op", "fsdp_full"])
+def test_each_sharded_mode_matches_one_process_and_resumes_exactly(mode, tmp_path, train_overrides, tiny_run, run_metrics):
+    """Sharded with 2 processes (2 micro-batches of 1 row each, accumulated: FSDP reduce-scatters each one)
+    = one process with the same global batch; its checkpoint holds full weights and optimiser state
+    (the same names and shapes as one process's), its export loads; a resume repeats the steps exactly."""
+    from transformers import AutoModelForCausalLM
+
+    import ebt  # noqa: F401 - registers the EBT with the Auto classes
+
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = _torchrun(two, train_overrides, "train.micro_batch_size=1", "train.grad_accum_steps=2", f"train.sharding={mode}")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = tmp_path / "one"
+    loop.Trainer(tiny_run(one, *RUN, "train.micro_batch_size=4")).run()
+
+    got, want = run_metrics(two), run_metrics(one)
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    for key in ("loss", "objective", "grad_norm", "alpha", "val/loss"):
+        a = [r[key] for r in got if key in r]
+        b = [r[key] for r in want if key in r]
+        assert a and a == pytest.approx(b, rel=1e-4), key
+    wa, wb = _weights(two), _weights(one)
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wb)  # full weights, not shards
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wb) < 1e-4
+    oa = load_file(checkpoints(two / "checkpoints")[-1] / "optimizer.safetensors")
+    ob = load_file(checkpoints(one / "checkpoints")[-1] / "optimizer.safetensors")
+    assert oa.keys() == ob.keys() and all(oa[k].shape == ob[k].shape for k in ob)  # the full AdamW state
+    assert max((oa[k].float() - ob[k].float()).abs().max().item() for k in ob) < 1e-4
+    exported = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    assert all(torch.equal(exported[k], wa[k]) for k in wa)
+
+    shutil.rmtree(two / "final")
+    shutil.rmtree(checkpoints(two / "checkpoints")[-1])
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint-00000002 at step 2" in r.stdout
+    again = run_metrics(two)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for key in ("loss", "objective", "grad_norm", "val/loss"):
+        assert [r.get(key) for r in again] == [r.get(key) for r in got], key
     assert all(torch.equal(v, wa[k]) for k, v in _weights(two).items())

@@ -197,9 +197,11 @@ def memory_at_rest(model: torch.nn.Module, optimizer_state: dict) -> dict[str, i
         return total
 
     params = list(model.parameters())
-    flat = [getattr(h, "flat_param", None) for h in _fsdp_handles(model)]
+    flat = [h.flat_param for h in _fsdp_handles(model)]
+    # FSDP: the flat parameter, its local shard and its gathered buffer (when still allocated).
+    held = [t for f in flat for t in (f, getattr(f, "_local_shard", None), getattr(f, "_full_param_padded", None))]
     return {
-        "parameters": size(flat or params),
+        "parameters": size(held or params),
         "gradients": size([getattr(f, "grad", None) for f in flat] if flat else [p.grad for p in params]),
         "optimizer": size([v for s in optimizer_state.values() for v in s.values()]),
     }
