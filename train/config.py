@@ -156,8 +156,8 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "'auto' (bf16 on GPUs that support it), 'bf16' or 'fp32'")
     sharding: str = _f(
         "none",
-        "several processes: 'none' (DDP), 'zero' (DDP + optimiser state sharded), 'fsdp_grad_op' (+ gradients), "
-        "'fsdp_full' (+ parameters at rest); see docs/training.md",
+        "several processes: 'none' (DDP), 'zero' (DDP + optimiser state sharded), 'fsdp_grad_op' or 'fsdp_full' "
+        "(FSDP1, one unit: + gradients and parameters between steps); see docs/training.md",
     )
     replay_buffer_size: int = _f(
         0, "EBT S2 recipe: past final candidates kept per process, in rows (0: off; needs a model with replay_rows)"
