@@ -87,6 +87,7 @@ RESUMABLE_CHANGES = (
     "train.grad_clip",
     "train.max_nonfinite_steps",
     "train.log_every",
+    "train.sharding",  # every mode writes and reads the same full checkpoint (train/sharding.py)
     "eval.",
     "checkpoint.",
     "hub.",
