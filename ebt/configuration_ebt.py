@@ -20,6 +20,7 @@ LOSS_ON = ("all", "last")
 INFERENCE_INITS = ("noise", "uniform", "draft")
 STEP_SIZE_SCHEDULES = ("constant", "linear", "cosine", "inverse_sqrt")
 SELECTIONS = ("energy", "average")
+HALTINGS = ("energy", "residual")
 
 
 def _invalid(owner: str, field_name: str, value: object, allowed: str) -> ValueError:
@@ -65,7 +66,11 @@ class ThinkingConfig:
     noise: float | None = _setting("Langevin noise sigma added to the logits before each step (>= 0)")
     temperature: float | None = _setting("Langevin temperature T (>= 0): the noise std is noise * sqrt(T)")
     tolerance: float | None = _setting(
-        "adaptive computation: a position stops once a step lowers its energy by less than this (>= 0)"
+        "adaptive computation: a position stops once a step changes it by less than this (>= 0); see halting"
+    )
+    halting: str | None = _setting(
+        "what tolerance measures: 'energy' (how much a step lowered the position's energy) or 'residual' "
+        "(how far a step moved its distribution: the largest change of a probability)"
     )
     accept_decrease: bool | None = _setting("undo a step that raised a position's energy and halve its step size")
     seed: int | None = _setting("seed of the random starts and noise (keyed on absolute position: batch-invariant)")
@@ -98,7 +103,12 @@ class ThinkingConfig:
                 raise bad(name, "must be a finite number >= 0")
         if self.accept_decrease is not None and not isinstance(self.accept_decrease, bool):
             raise bad("accept_decrease", "must be true or false")
-        choices = {"step_size_schedule": STEP_SIZE_SCHEDULES, "selection": SELECTIONS, "init": INFERENCE_INITS}
+        choices = {
+            "step_size_schedule": STEP_SIZE_SCHEDULES,
+            "selection": SELECTIONS,
+            "init": INFERENCE_INITS,
+            "halting": HALTINGS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise bad(name, f"allowed values are {', '.join(allowed)}")
@@ -251,6 +261,7 @@ class EBTConfig(PreTrainedConfig):
     inference_noise: float = 0.0
     inference_temperature: float = 1.0
     inference_tolerance: float | None = None
+    inference_halting: str = "energy"
     inference_accept_decrease: bool = False
     inference_seed: int = 0
     inference_init: str = "noise"

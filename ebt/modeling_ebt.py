@@ -556,6 +556,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         anchor: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         tolerance: float | None = None,
+        halting: str = "energy",
         accept_decrease: bool = False,
         final_energy: bool = True,
         keep_trajectory: bool = False,
@@ -572,7 +573,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         draft; None = uniform). ``targets`` (B, Lc) (-100 = ignore) gives the cross-entropy after
         every step. ``noise_fn(step, shape)`` draws Langevin noise (seeded at inference).
         Inference only: ``tolerance`` freezes a position once a step lowers its energy by less
-        than that; ``accept_decrease`` undoes a step that raised a position's energy and halves
+        than that (``halting="energy"``) or moves its distribution by less (``"residual"``: the
+        largest change of a probability); ``accept_decrease`` undoes a step that raised a position's energy and halves
         that position's step size. Returns z, energies (B, Lc, S), step_losses, steps_taken and
         trajectory.
         """
@@ -602,7 +604,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                     )
                     step_size = torch.where(worse[..., None], step_size / 2, step_size)
                     steps_taken = steps_taken - worse.long()
-                if tolerance is not None and energies:
+                if tolerance is not None and halting == "energy" and energies:
                     active = active & ((energies[-1] - energy) >= tolerance)
                 last_good = (z, z_in, p, energy, grad)
             energies.append(energy)
@@ -617,8 +619,11 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             if training:
                 z = z_new
             else:
+                moved = (torch.softmax(z_new, dim=-1) - torch.softmax(z, dim=-1)).abs().amax(-1)
                 z = torch.where(active[..., None], z_new.detach(), z)
                 steps_taken = steps_taken + active.long()
+                if tolerance is not None and halting == "residual":
+                    active = active & (moved >= tolerance)  # this step barely moved it: converged
             if targets is not None:
                 step_loss = F.cross_entropy(_at_least_fp32(z.flatten(0, 1)), targets.flatten(), ignore_index=-100)
                 step_losses.append(step_loss if training else step_loss.detach())
@@ -750,6 +755,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 anchor=anchor,
                 targets=targets,
                 tolerance=thinking.tolerance,
+                halting=thinking.halting,
                 accept_decrease=thinking.accept_decrease,
                 final_energy=final_energy or samples > 1 or thinking.accept_decrease or thinking.steps == 0,
                 keep_trajectory=return_trajectory,

@@ -370,3 +370,20 @@ def test_draft_generation_cached_equals_uncached(draft_model):
     assert torch.equal(cached, draft_model.generate(prompt, use_cache=False, **kwargs))
     for t in range(6, 14):  # greedy picks think()'s argmax on each prefix
         assert torch.equal(cached[:, t], draft_model.think(cached[:, :t], steps=2, samples=2).logits[:, -1].argmax(-1))
+
+
+def test_residual_halting_stops_a_position_once_a_step_barely_moves_it(draft_model):
+    """halting='residual': a position stops after the first step that moves its distribution by
+    less than the tolerance (largest change of a probability); up to then it follows the free run."""
+    ids, steps, tol = _ids(), 40, 1e-3
+    free = draft_model.think(ids, steps=steps, return_trajectory=True)
+    probs = torch.softmax(free.trajectory, -1)  # (B, L, steps + 1, V)
+    moves = (probs[..., 1:, :] - probs[..., :-1, :]).abs().amax(-1)  # (B, L, steps): what step i + 1 moved
+    halted = draft_model.think(ids, steps=steps, tolerance=tol, halting="residual")
+    taken = halted.steps_taken
+    assert taken.min() < steps and len(taken.unique()) > 1, "every position stopped together: the test sees nothing"
+    for b, r in torch.nonzero(taken < steps).tolist():
+        k = int(taken[b, r])
+        assert (moves[b, r, : k - 1] >= tol).all() and moves[b, r, k - 1] < tol
+    expected = free.trajectory.gather(2, taken[..., None, None].expand(*taken.shape, 1, free.trajectory.shape[-1]))[:, :, 0]
+    torch.testing.assert_close(halted.logits, expected)

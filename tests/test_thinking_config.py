@@ -177,6 +177,7 @@ BAD_VALUES = {
     "accept_decrease": ["yes", 1, 0.0],
     "seed": [-1, 1.5, math.nan, True],
     "init": ["zeros", 0],
+    "halting": ["steps", 0],
 }
 
 
