@@ -306,7 +306,7 @@ def bench_generation(
     """Per-token decoding time of Transformer++ and EBT, batch 1: cached at every setting of
     ``thinking`` (they differ in their steps k), uncached at each of ``uncached_steps`` (the first
     setting's other fields), and with ``compiled`` also cached through ``compile_thinking()``
-    (compiled during the warm-up rounds)."""
+    (compiled during the warm-up rounds), cached and uncached."""
     ebts, llama = build_models(size, max(size.gen_contexts) + new_tokens + 1, device, dtype)
     ebt = ebts["S1"].eval()
     llama.eval()
@@ -322,7 +322,11 @@ def bench_generation(
         options = {"llama": {}} | {f"cached k={t.steps}": {"thinking": t} for t in thinking}
         options |= {f"uncached k={k}": {"thinking": replace(thinking[0], steps=k), "use_cache": False} for k in uncached_steps}
         if compiled:
-            options |= {f"compiled k={t.steps}": {"thinking": t} for t in thinking}
+            options |= {f"compiled cached k={t.steps}": {"thinking": t} for t in thinking}
+            options |= {
+                f"compiled uncached k={k}": {"thinking": replace(thinking[0], steps=k), "use_cache": False}
+                for k in uncached_steps
+            }
 
         def call(name: str, tokens: int, prompt=prompt, mask=mask, options=options) -> Callable[[], list[float]]:
             if name == "llama":
@@ -466,15 +470,17 @@ def generation_table(generation: dict) -> str:
     speedups = []
     for ctx in generation["contexts"]:
         for r in ctx["rows"]:
-            cached = _row(ctx["rows"], f"cached k={r['think_steps']}")
+            cached = _row(ctx["rows"], r["name"].replace("uncached k=", "cached k="))
             if not r["cached"] and cached is not None:
-                speedups.append([str(ctx["context"]), str(r["think_steps"]), _x(r["per_token_s"] / cached["per_token_s"])])
+                kind = "compiled" if r["name"].startswith("compiled") else "eager"
+                ratio = _x(r["per_token_s"] / cached["per_token_s"])
+                speedups.append([str(ctx["context"]), kind, str(r["think_steps"]), ratio])
     return (
         f"Generation, batch 1, greedy, {generation['new_tokens']} new tokens: median ms between two new tokens "
         "(in brackets: times Transformer++)\n\n"
         + markdown_table(header, rows)
         + "\n\nKV cache: uncached / cached time per token\n\n"
-        + markdown_table(["context", "k", "uncached / cached"], speedups)
+        + markdown_table(["context", "thinking", "k", "uncached / cached"], speedups)
     )
 
 
