@@ -32,6 +32,7 @@ inner-loop health, validation variants) the model supplies through the hooks of
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -503,9 +504,22 @@ class Trainer:
         weights = self.sharding.model_state(self.model)  # gathered by every process under FSDP
         if acc.is_main_process:
             export(self.sharding.module, self.tokenizer, self.out, cfg, self.tokens_seen, self.step, metrics, weights)
-        acc.wait_for_everyone()
-        acc.end_training()
+        self._close()
         return metrics
+
+    def _close(self) -> None:
+        """Release the wrapped model and optimiser while every process's group is still up, then end.
+
+        DDP's reducer (and FSDP) hold the gloo process group: freed only after end_training()
+        destroyed the group, its destructor waited forever for a peer that had already exited
+        (seen as a hung 2-process run whose training had finished). So: drop them, wait for every
+        process, then let Accelerate stop the trackers and destroy the group.
+        """
+        self.model = self.optimizer = self.sharding = None
+        self.acc.free_memory()  # Accelerate's own references to the prepared model and optimiser
+        gc.collect()
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
 
 
 def _broadcast_text(acc: Accelerator, text: str | None) -> str:
