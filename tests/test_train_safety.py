@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -231,13 +230,17 @@ def test_no_checkpoint_inside_a_skip_streak_and_a_run_ending_in_one_is_not_expor
 
 
 # ---------------------------------------------------------------- the run lock (item 6)
-def test_a_second_run_on_a_locked_folder_exits_2_at_once(tmp_path, train_overrides, tiny_run, capsys):
+def test_a_second_run_on_a_locked_folder_exits_2_at_once(tmp_path, train_overrides, tiny_run, capsys, monkeypatch):
     out = tmp_path / "r"
     holder = loop.Trainer(tiny_run(out, *LLAMA))  # holds the folder until its run ends
     before = _files(out)
-    started = time.perf_counter()
-    assert _main(out, train_overrides, *LLAMA) == 2
-    assert time.perf_counter() - started < 15  # at once: no data, no model
+
+    def no_data_work(*args, **kwargs):
+        raise AssertionError("the refused run read data: the lock must be checked before any work")
+
+    with monkeypatch.context() as patch:  # "at once": refused before any data (or model) work
+        patch.setattr(loop.D, "read_split", no_data_work)
+        assert _main(out, train_overrides, *LLAMA) == 2
     (error,) = _error_lines(capsys.readouterr().err)
     assert f"output_dir {out} is in use by another training run (PID {os.getpid()} on host" in error
     assert _files(out) == before and (out / "train.lock").read_text().split()[0] == str(os.getpid())
