@@ -219,8 +219,12 @@ class EBTMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def gate_up_weight(self) -> torch.Tensor:
+        """Gate and up projections stacked (2I, D): one matmul for both."""
+        return torch.cat((self.gate_proj.weight, self.up_proj.weight))
+
     def forward(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
-        """``gate_up_weight``: gate and up projections stacked (2I, D), see ``EBTDecoderLayer.fused_weights``."""
+        """``gate_up_weight``: ``self.gate_up_weight()``, built once where a forward reuses it."""
         gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -306,7 +310,7 @@ class EBTDraftHead(nn.Module):
         if self.stop_gradient:
             h = h.detach()
         for norm, mlp in zip(self.norms, self.mlps):
-            h = h + mlp(norm(h), torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
+            h = h + mlp(norm(h), mlp.gate_up_weight())
         return _at_least_fp32(self.lm_head(self.norm(h)))
 
 
@@ -324,9 +328,9 @@ class EBTDecoderLayer(nn.Module):
         Built once per forward and reused by every inner step (fewer, larger matmuls); the
         parameters keep Llama's names, so checkpoints are unchanged.
         """
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         qkv = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
-        return qkv, torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
+        return qkv, self.mlp.gate_up_weight()
 
     def feed_forward(self, h: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         return h + self.mlp(self.post_attention_layernorm(h), gate_up_weight)
