@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import train_tiny_run
+from conftest import TRAIN_OVERRIDES, train_tiny_run
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 PROMPTS = ["12+34=", "5+6=", "907+3="]
@@ -19,10 +19,8 @@ PROMPTS = ["12+34=", "5+6=", "907+3="]
 def exported(tmp_path_factory) -> Path:
     """``OUTPUT/final`` of a two-step run of the project's trainer (weights barely trained: generation only)."""
     tiny = [
-        "model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
-        "model.max_position_embeddings=32", "data.block_size=32", "data.tasks=[addition]", "data.task_examples=100",
-        "data.task_val_examples=10", "train.micro_batch_size=4", "train.max_steps=2", "train.warmup_steps=1",
-        "train.mixed_precision=fp32", "eval.every=1000", "eval.max_blocks=1", "eval.think_steps=[1]", "checkpoint.every=1000",
+        *TRAIN_OVERRIDES, "data.tasks=[addition]", "data.task_examples=100", "train.max_steps=2", "train.warmup_steps=1",
+        "eval.every=1000", "eval.max_blocks=1", "eval.think_steps=[1]", "checkpoint.every=1000",
     ]  # fmt: skip
     return train_tiny_run(tmp_path_factory.mktemp("run"), *tiny)
 
