@@ -138,6 +138,11 @@ class DataConfig:
     task_examples: int = _f(20_000, "source=tasks: training examples per task")
     task_val_examples: int = _f(500, "source=tasks: validation examples per task")
     shuffle_buffer: int = _f(10_000, "streaming: shuffle buffer size (0: no shuffling)")
+    answer_block: int | None = _f(
+        None,
+        "prompt/answer sources: one example per row, its answer plus EOS padding in the last answer_block "
+        "positions (all scored), the prompt left-padded before them (None: packed blocks); see docs/training.md",
+    )
 
 
 @dataclass
@@ -347,8 +352,34 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("tokenizer.kind=pretrained needs tokenizer.name_or_path (a Hub name or a folder)")
     if (cfg.data.prompt_column is None) != (cfg.data.answer_column is None):
         raise ConfigError("set both data.prompt_column and data.answer_column, or neither")
+    check_answer_block(cfg.data)
     if cfg.hub.push_to_hub and not cfg.hub.repo_id:
         raise ConfigError("hub.push_to_hub=true needs hub.repo_id (e.g. your-name/ebt-tiny)")
+
+
+def check_answer_block(cfg: DataConfig) -> None:
+    """``data.answer_block`` rows need a prompt and an answer per example, and room for both in a row.
+
+    Also called when the rows are built, so a hand-made ``DataConfig`` fails as clearly as a run config.
+    """
+    m = cfg.answer_block
+    if m is None:
+        return
+    if m < 2:
+        raise ConfigError(
+            f"data.answer_block must be >= 2 (the answer's tokens plus at least one EOS end marker), got {m}; "
+            f"or null for packed blocks"
+        )
+    if cfg.source != "tasks" and not cfg.prompt_column:
+        raise ConfigError(
+            f"data.answer_block={m} lays out one prompt/answer example per row, but data.source={cfg.source!r} is "
+            f"plain text: use source=tasks or set data.prompt_column and data.answer_column, or set data.answer_block=null"
+        )
+    if m >= cfg.block_size:
+        raise ConfigError(
+            f"data.answer_block={m} leaves no room for the prompt in data.block_size={cfg.block_size} (it needs at least "
+            f"its leading EOS): raise data.block_size above {m} or lower data.answer_block"
+        )
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -6,7 +6,8 @@ The whole path, in the order the trainer calls it:
    file/folder/glob, or a Hub dataset), raw text, as a (streaming) ``datasets`` object;
 2. :func:`texts`: its raw text, to build a tokenizer from (``train/tokenizer.py``);
 3. :func:`build_blocks`: training and validation blocks (:func:`tokenize` then :func:`pack`,
-   validation from the source's own split or held out with :func:`tail_split`).
+   or :func:`answer_rows` with ``data.answer_block``; validation from the source's own split or
+   held out with :func:`tail_split`).
 
 Every block is a row of ``input_ids`` and ``labels`` (``block_size`` tokens each, labels
 un-shifted in the Hugging Face convention, :data:`IGNORE` where a token is not scored).
@@ -14,6 +15,9 @@ Prompt/answer data (the embedded reasoning tasks, or any source with ``prompt_co
 ``answer_column``) is scored on the answer and the EOS only, and the mask survives packing
 because it is packed with the tokens. Tokenising and packing are two batched ``map`` calls, so
 ``datasets`` caches both for file and Hub sources and can run the tokeniser in several processes.
+With ``data.answer_block`` set, prompt/answer data is not packed: each row is one example, its
+answer in a fixed block at the end (for models that refine a whole answer block together), and
+rows also carry an ``attention_mask`` (0 on the prompt's left padding).
 The order in which blocks are batched is ``train/batches.py``.
 """
 
@@ -28,7 +32,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from train.config import DataConfig
+from train.config import DataConfig, check_answer_block
 
 IGNORE = -100  # the label of a token that gets no loss (Hugging Face convention)
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -144,9 +148,9 @@ def iter_texts(ds: Source, names: list[str]) -> Iterator[str]:
 # ---------------------------------------------------------------------------------- 3. blocks
 def build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, raw_train: Source, seed: int) -> Blocks:
     """Training blocks and a fixed validation set (own split if the source has one, else held out)."""
-    train = _blocks(cfg, raw_train, tokenizer)
+    train = _blocks(cfg, raw_train, tokenizer, "train")
     if cfg.val_split is not None or cfg.source == "tasks":
-        val = _blocks(cfg, read_split(cfg, "val", seed), tokenizer)
+        val = _blocks(cfg, read_split(cfg, "val", seed), tokenizer, "validation")
     elif cfg.streaming:
         val, train = train.take(cfg.val_blocks), train.skip(cfg.val_blocks)
     else:
@@ -160,15 +164,26 @@ def build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, raw_train:
     return Blocks(train=train, val=val.with_format("torch"))
 
 
-def _blocks(cfg: DataConfig, ds: Source, tokenizer: PreTrainedTokenizerBase) -> Source:
-    """Tokenise (cached by ``datasets`` for file/Hub sources) and pack into ``block_size`` blocks."""
+def _blocks(cfg: DataConfig, ds: Source, tokenizer: PreTrainedTokenizerBase, split: str) -> Source:
+    """Tokenise (cached by ``datasets`` for file/Hub sources) and pack into ``block_size`` blocks,
+    or lay out one example per row with ``data.answer_block``."""
     n = cfg.num_proc
     if n is None and isinstance(ds, datasets.Dataset) and len(ds) >= AUTO_NUM_PROC_ROWS:
         n = min(os.cpu_count() or 1, 8)
+    if cfg.answer_block is not None:
+        check_answer_block(cfg)
+        return answer_rows(
+            ds, tokenizer, block_size=cfg.block_size, answer_block=cfg.answer_block, split=split, num_proc=n, **columns(cfg)
+        )
     return pack(tokenize(ds, tokenizer, num_proc=n, **columns(cfg)), cfg.block_size, num_proc=n)
 
 
 def _too_little(cfg: DataConfig) -> str:
+    if cfg.answer_block is not None:
+        return (
+            f"data.source={cfg.source!r} gives no prompt/answer example for training or validation: "
+            f"the data is empty; add examples (data.answer_block rows are one example each)"
+        )
     return (
         f"data.source={cfg.source!r} gives no complete block of data.block_size={cfg.block_size} tokens "
         f"for training or validation: the text is empty or too short; add text or lower data.block_size"
@@ -233,6 +248,68 @@ def pack(ds: Source, block_size: int, num_proc: int | None = None) -> Source:
 
     kwargs = {"num_proc": num_proc, "desc": f"packing into blocks of {block_size}"} if isinstance(ds, datasets.Dataset) else {}
     return ds.map(fn, batched=True, remove_columns=["input_ids", "scored"], **kwargs)
+
+
+def answer_rows(
+    ds: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    block_size: int,
+    answer_block: int,
+    prompt_column: str,
+    answer_column: str,
+    split: str = "train",
+    num_proc: int | None = None,
+) -> Source:
+    """One prompt/answer example per row: ``[pad..., EOS, prompt | answer, EOS...]``, ``block_size`` wide.
+
+    The last ``answer_block`` positions hold the answer then EOS padding, all scored: a model that
+    refines the whole block at once must learn where the answer ends, and the EOS padding is that
+    end marker. Before them, the prompt part: one EOS (how evaluation feeds a prompt, and what
+    precedes it in packed training) and the prompt, left-padded with the pad id so every answer
+    block starts at the same position; ``attention_mask`` is 0 on that padding, the prompt part
+    is never scored. Too long an answer or prompt is an error, never silently cut: a truncated
+    answer would teach a wrong one. ``split`` names the data in that error.
+    """
+    _check_columns(ds, [prompt_column, answer_column])
+    eos = tokenizer.eos_token_id
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    room = block_size - answer_block  # width of the prompt part
+
+    def fn(batch: dict, indices: list[int]) -> dict:
+        prompts = tokenizer(batch[prompt_column], add_special_tokens=False)["input_ids"]
+        answers = tokenizer(batch[answer_column], add_special_tokens=False)["input_ids"]
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+        for j, (p, a) in enumerate(zip(prompts, answers)):
+            prompt = [eos] + p
+            if len(a) > answer_block - 1:
+                raise ValueError(
+                    f"{split} example {indices[j]} (answer {_short(batch[answer_column][j])}): the answer is {len(a)} "
+                    f"tokens, but data.answer_block={answer_block} holds at most {answer_block - 1} (at least one EOS "
+                    f"ends the block); raise data.answer_block to at least {len(a) + 1} (and data.block_size with it)"
+                )
+            if len(prompt) > room:
+                raise ValueError(
+                    f"{split} example {indices[j]} (prompt {_short(batch[prompt_column][j])}): the prompt is "
+                    f"{len(prompt)} tokens with its leading EOS, but a row has room for {room} (data.block_size="
+                    f"{block_size} - data.answer_block={answer_block}); raise data.block_size to at least "
+                    f"{len(prompt) + answer_block} (and model.max_position_embeddings with it)"
+                )
+            block = a + [eos] * (answer_block - len(a))
+            fill = room - len(prompt)
+            out["input_ids"].append([pad] * fill + prompt + block)
+            out["labels"].append([IGNORE] * room + block)
+            out["attention_mask"].append([0] * fill + [1] * (block_size - fill))
+        return out
+
+    kwargs = {"num_proc": num_proc, "desc": f"answer-block rows ({answer_block} of {block_size})"}
+    kwargs = kwargs if isinstance(ds, datasets.Dataset) else {}
+    return ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names, **kwargs)
+
+
+def _short(text: str, width: int = 60) -> str:
+    """``text`` quoted, shortened to about ``width`` characters for an error message."""
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
 def tail_split(blocks: datasets.Dataset, val_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
