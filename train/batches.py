@@ -71,7 +71,8 @@ class StreamBatches:
 
     def micro(self, step: int, first: int, size: int) -> dict[str, torch.Tensor]:
         rows = [self._next() for _ in range(size)]
-        return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels")}
+        keys = [k for k in ("input_ids", "labels", "attention_mask") if k in rows[0]]  # a mask: data.answer_block rows
+        return {k: torch.tensor([r[k] for r in rows]) for k in keys}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "stream": self.ds.state_dict() if self._it is not None else None}

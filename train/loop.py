@@ -385,10 +385,12 @@ class Trainer:
         sums = torch.zeros(len(variants) + 1, device=self.acc.device)
         for batch in self.val:
             ids, labels = batch["input_ids"].to(self.acc.device), batch["labels"].to(self.acc.device)
+            # answer-block rows (data.answer_block) mask their left padding; packed blocks have no mask
+            mask = {"attention_mask": batch["attention_mask"].to(self.acc.device)} if "attention_mask" in batch else {}
             n = scored(labels)
             with self.acc.autocast():
                 for i, kwargs in enumerate(variants.values()):
-                    sums[i] += forward(ids, labels=labels, **kwargs).loss.float() * n
+                    sums[i] += forward(ids, labels=labels, **mask, **kwargs).loss.float() * n
             sums[-1] += n
         sums = self.acc.reduce(sums, "sum")
         model.train()
