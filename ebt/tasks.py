@@ -10,11 +10,15 @@ Format (shared by all tasks, chosen for tiny character-level models)
 One example is one line: ``prompt + answer + "\\n"`` (see :func:`task_text`). Every prompt ends
 with the separator ``=``, which occurs nowhere else, so "the answer starts here" is a single
 character the model can key on, and the newline tells it where the answer stops. The alphabet is
-small (digits, ``+``, ``=``, ``.``, three bracket pairs, newline) and every training example fits
-in a 64-character context (:data:`TRAIN_MAX_CHARS`); harder examples stay below
-:data:`MAX_CHARS` characters. The four tasks use disjoint prompt shapes (``+`` only in addition,
-brackets only in Dyck, ``.`` only in Sudoku, bare digits only in sorting), so they can be mixed in
-one training stream without a task tag.
+small (digits, ``+``, ``=``, ``.``, three bracket pairs, newline). Every training example of the
+four small tasks fits in a 64-character context (:data:`TRAIN_MAX_CHARS`); ``sudoku6`` is the
+exception: every one of its lines is 74 characters (36 cells, ``=``, 36 digits, newline), so it
+needs a context of at least 74 to see a whole puzzle (:func:`train_max_chars` gives the bound per
+task). Every line of every task stays below :data:`MAX_CHARS` characters. The tasks use disjoint
+prompt shapes (``+`` only in addition, brackets only in Dyck, ``.`` only in the two Sudokus, bare
+digits only in sorting; a 4x4 Sudoku prompt has 16 cells of ``1-4.``, a 6x6 one 36 cells of
+``1-6.``, so the two never share a prompt even when a 6x6 board's givens use only 1-4), so they can
+be mixed in one training stream without a task tag.
 
 ==========  =======================  =====================  =========================================
 task        example line             difficulty measure     why this format
@@ -32,11 +36,26 @@ sorting     ``5203=0235\\n``          list length            bare digits, no com
 sudoku      ``1.2...3.3.4..413=``    number of blanks       4x4 board row by row, ``.`` = blank; the
             ``1324423131422413\\n``                          answer is the full board so answer cell i
                                                             sits at a fixed offset from prompt cell i.
+sudoku6     (74 characters, below)   number of blanks       the same on a 6x6 board, digits 1-6,
+                                                            boxes of 2 rows x 3 columns.
 ==========  =======================  =====================  =========================================
+
+A ``sudoku6`` line, whole and then cut after each board row of the prompt::
+
+    6214..534....62.14.1.26..4.156156.42=621435534621362514415263243156156342\\n
+
+    6214..
+    534...
+    .62.14
+    .1.26.
+    .4.156
+    156.42=621435534621362514415263243156156342\\n
 
 Sudoku is the "checking is easy, solving is search" task: every generated puzzle has exactly one
 solution (so the training target is unambiguous), while :func:`check_answer` only checks the rules
-(givens kept, every row, column and 2x2 box holds 1-4) and therefore accepts any valid completion.
+(givens kept, every row, column and box holds each digit once: 2x2 boxes and 1-4 on the 4x4
+board, 2x3 boxes and 1-6 on the 6x6 one) and therefore accepts any valid completion. The 6x6 task
+is the larger search: up to 24 blanks by default against the 4x4's 12.
 
 Splits and disjointness
 -----------------------
@@ -67,7 +86,7 @@ import hashlib
 import itertools
 import random
 from collections.abc import Callable
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily in make_task: checkers and formats need no `datasets`
@@ -79,18 +98,22 @@ __all__ = [
     "TRAIN_MAX_CHARS",
     "MAX_CHARS",
     "DIFFICULTY_LIMITS",
+    "train_max_chars",
     "make_task",
     "check_answer",
     "difficulty_ranges",
     "task_text",
 ]
 
-TASK_NAMES: tuple[str, ...] = ("addition", "dyck", "sorting", "sudoku")
+TASK_NAMES: tuple[str, ...] = ("addition", "dyck", "sorting", "sudoku", "sudoku6")
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "harder")
 
 #: Every default ``train``/``validation``/``test`` line, ``task_text(prompt, answer)`` including
-#: the newline, is at most this long (fits a 64-character context with room to spare).
+#: the newline, of addition, dyck, sorting and sudoku is at most this long (fits a 64-character
+#: context with room to spare). ``sudoku6`` lines are longer: see :func:`train_max_chars`.
 TRAIN_MAX_CHARS = 48
+#: Every ``sudoku6`` line of every split: 36 cells + ``=`` + 36 digits + newline.
+_SUDOKU6_LINE_CHARS = 36 + 1 + 36 + 1
 #: Every line of every split, at any difficulty the task accepts, is shorter than this.
 MAX_CHARS = 128
 
@@ -108,6 +131,9 @@ _RANGES: dict[str, dict[str, tuple[int, int]]] = {
     # measure: number of blank cells on the 4x4 board (at most 12: 4 givens is the minimum
     # for a unique 4x4 Sudoku)
     "sudoku": {"train": (1, 8), "harder": (9, 12), "limits": (1, 12)},
+    # measure: number of blank cells on the 6x6 board. 8 givens is the minimum for a unique 6x6
+    # Sudoku (28 blanks); 26 still generates in ~2 ms (see _gen_sudoku6), 27 would need ~5 restarts.
+    "sudoku6": {"train": (4, 14), "harder": (15, 24), "limits": (1, 26)},
 }
 
 # Dyck prefix length (in brackets): training-distribution splits vs harder. Harder prefixes
@@ -131,12 +157,23 @@ def difficulty_ranges(name: str) -> dict[str, tuple[int, int]]:
     """Default inclusive range of the task's difficulty measure for every split.
 
     Measures: ``addition`` = digits of the longer operand, ``dyck`` = maximum nesting depth,
-    ``sorting`` = list length, ``sudoku`` = number of blanks. ``validation`` and ``test`` share
-    ``train``'s range (same distribution); ``harder`` starts strictly above it.
+    ``sorting`` = list length, ``sudoku`` and ``sudoku6`` = number of blanks. ``validation`` and
+    ``test`` share ``train``'s range (same distribution); ``harder`` starts strictly above it.
     """
     _check_name(name)
     r = _RANGES[name]
     return {"train": r["train"], "validation": r["train"], "test": r["train"], "harder": r["harder"]}
+
+
+def train_max_chars(name: str) -> int:
+    """Longest default ``train``/``validation``/``test`` line of task ``name`` (newline included).
+
+    :data:`TRAIN_MAX_CHARS` (48, a 64-character context) for the four small tasks; 74 for
+    ``sudoku6``, whose lines all have exactly that length, so a context (``data.block_size``)
+    that should hold a whole 6x6 puzzle must be at least 74 long.
+    """
+    _check_name(name)
+    return _SUDOKU6_LINE_CHARS if name == "sudoku6" else TRAIN_MAX_CHARS
 
 
 def task_text(prompt: str, answer: str, eos: str = "\n") -> str:
@@ -223,7 +260,7 @@ def check_answer(name: str, prompt: str, answer: str) -> bool:
     Sudoku rules), so a generator bug cannot hide behind a checker that shares its code.
     Leading/trailing whitespace of ``answer`` (e.g. the newline ``eos``) is ignored; anything
     else must match the format exactly (addition: sum least-significant digit first, no
-    padding). Sudoku accepts any completion that keeps the givens and obeys the rules.
+    padding). Both Sudokus accept any completion that keeps the givens and obeys the rules.
 
     Returns ``False`` for a wrong or malformed answer; raises ``ValueError`` for an unknown task
     or a prompt that is not a well-formed problem of that task (that is a caller bug, not a
@@ -468,11 +505,129 @@ def _gen_sudoku(rng: random.Random, blanks: int, harder: bool) -> tuple[str, str
     return prompt + SEPARATOR, board
 
 
+# 6x6 board, row-major cells 0..35; boxes are 2 rows x 3 columns, numbered band by band.
+_S6_ROW = tuple(i // 6 for i in range(36))
+_S6_COL = tuple(i % 6 for i in range(36))
+_S6_BOX = tuple(i // 12 * 2 + i % 6 // 3 for i in range(36))
+_S6_DIGITS = 0b1111110  # bit v set = digit v (1..6) still allowed
+
+
+def _sudoku6_solutions(cells: list[int], limit: int) -> list[str]:
+    """Up to ``limit`` solutions (row-major digit strings) of a 6x6 board given as 36 ints, 0 =
+    blank, whose givens do not clash. Backtracking on row/column/box bitmasks that always fills
+    the blank with the fewest candidates first, so a forced cell costs no branching: a
+    uniqueness test (``limit=2``) of a 24-blank puzzle takes well under a millisecond."""
+    rows, cols, boxes = [0] * 6, [0] * 6, [0] * 6
+    grid = list(cells)
+    blanks = []
+    for i, v in enumerate(grid):
+        if v:
+            rows[_S6_ROW[i]] |= 1 << v
+            cols[_S6_COL[i]] |= 1 << v
+            boxes[_S6_BOX[i]] |= 1 << v
+        else:
+            blanks.append(i)
+    found: list[str] = []
+
+    def search() -> None:
+        if not blanks:
+            found.append("".join(map(str, grid)))
+            return
+        k, free, fewest = 0, 0, 7
+        for j, i in enumerate(blanks):
+            f = _S6_DIGITS & ~(rows[_S6_ROW[i]] | cols[_S6_COL[i]] | boxes[_S6_BOX[i]])
+            n = f.bit_count()
+            if n < fewest:
+                k, free, fewest = j, f, n
+                if n <= 1:
+                    break
+        if not free:
+            return  # a blank with no candidate: dead end
+        i = blanks[k]
+        last = blanks.pop()  # take blank k out (the last one fills its slot) ...
+        if k < len(blanks):
+            blanks[k] = last
+        r, c, b = _S6_ROW[i], _S6_COL[i], _S6_BOX[i]
+        while free and len(found) < limit:
+            bit = free & -free
+            free ^= bit
+            grid[i] = bit.bit_length() - 1
+            rows[r] |= bit
+            cols[c] |= bit
+            boxes[b] |= bit
+            search()
+            rows[r] ^= bit
+            cols[c] ^= bit
+            boxes[b] ^= bit
+        grid[i] = 0
+        if k < len(blanks):  # ... and put it back where it was
+            blanks.append(blanks[k])
+            blanks[k] = i
+        else:
+            blanks.append(i)
+
+    search()
+    return found
+
+
+@lru_cache(maxsize=1)
+def _sudoku6_boards() -> tuple[str, ...]:
+    """The 39,168 solved 6x6 boards whose first row is ``123456`` (~0.6 s, once per process).
+
+    Every solved board is exactly one of these with its digits renamed (the renaming that turns
+    its first row into ``123456``), so one of these uniformly times one of the 720 renamings
+    uniformly is a uniformly random solved board among all 28,200,960 = 720 x 39,168."""
+    return tuple(_sudoku6_solutions([1, 2, 3, 4, 5, 6] + [0] * 30, limit=40_000))
+
+
+# Up to this many blanks a uniform blank set is unique often enough (>= 4.5 % at 24, ~88 % at 14)
+# for rejection sampling; above it, uniqueness-preserving removal (0.2 % of 26-blank sets are
+# unique, so rejection would need ~460 solver calls per puzzle).
+_SUDOKU6_REJECT_UP_TO = 24
+
+
+def _gen_sudoku6(rng: random.Random, blanks: int, harder: bool) -> tuple[str, str]:
+    """A 6x6 puzzle with ``blanks`` blanks and exactly one solution (an unambiguous target).
+
+    The solved board is uniform over all 6x6 boards (see :func:`_sudoku6_boards`). Up to
+    ``_SUDOKU6_REJECT_UP_TO`` blanks (every default split) the blank set is uniform and redrawn,
+    board too, until the puzzle is unique: that is a uniformly random puzzle among the unique
+    ones with that many blanks. Above it the cells are blanked one at a time in a random order,
+    skipping a cell whose removal would allow a second solution (it would for every later set
+    too), restarting with a new board if the order runs out first; these puzzles are unique but
+    *not* uniform among unique puzzles (removal order favours some blank sets)."""
+    boards = _sudoku6_boards()
+    while True:
+        digits = list("123456")
+        rng.shuffle(digits)
+        board = boards[rng.randrange(len(boards))].translate(str.maketrans("123456", "".join(digits)))
+        cells = [ord(ch) - 48 for ch in board]
+        if blanks <= _SUDOKU6_REJECT_UP_TO:
+            hidden = set(rng.sample(range(36), blanks))
+            if len(_sudoku6_solutions([0 if i in hidden else v for i, v in enumerate(cells)], limit=2)) == 1:
+                break
+            continue
+        hidden = set()
+        for i in rng.sample(range(36), 36):
+            given, cells[i] = cells[i], 0
+            if len(_sudoku6_solutions(cells, limit=2)) == 1:
+                hidden.add(i)
+                if len(hidden) == blanks:
+                    break
+            else:
+                cells[i] = given
+        if len(hidden) == blanks:
+            break
+    prompt = "".join("." if c in hidden else board[c] for c in range(36))
+    return prompt + SEPARATOR, board
+
+
 _SAMPLERS: dict[str, Callable[[random.Random, int, bool], tuple[str, str]]] = {
     "addition": _gen_addition,
     "dyck": _gen_dyck,
     "sorting": _gen_sorting,
     "sudoku": _gen_sudoku,
+    "sudoku6": _gen_sudoku6,
 }
 
 
@@ -512,22 +667,27 @@ def _check_sorting(body: str, answer: str) -> bool:
     return answer == "".join(sorted(body))
 
 
-def _check_sudoku(body: str, answer: str) -> bool:
-    if len(body) != 16 or any(c not in "1234." for c in body):
-        raise ValueError(f"not a 4x4 Sudoku prompt: {body + SEPARATOR!r} (expected 16 of '1234.')")
-    if len(answer) != 16 or any(c not in "1234" for c in answer):
+def _check_sudoku(box_rows: int, box_cols: int, body: str, answer: str) -> bool:
+    """The rules of a Sudoku whose boxes are ``box_rows`` x ``box_cols`` (side = their product)."""
+    n = box_rows * box_cols
+    digits = "".join(str(d) for d in range(1, n + 1))
+    if len(body) != n * n or any(c not in digits + "." for c in body):
+        raise ValueError(f"not a {n}x{n} Sudoku prompt: {body + SEPARATOR!r} (expected {n * n} of {digits + '.'!r})")
+    if len(answer) != n * n or any(c not in digits for c in answer):
         return False
     if any(g != "." and g != a for g, a in zip(body, answer)):
         return False  # a given was changed
-    rows = [answer[4 * r : 4 * r + 4] for r in range(4)]
-    units = rows + ["".join(row[c] for row in rows) for c in range(4)]
-    units += [rows[r][c : c + 2] + rows[r + 1][c : c + 2] for r in (0, 2) for c in (0, 2)]
-    return all(set(u) == set("1234") for u in units)
+    rows = [answer[n * r : n * r + n] for r in range(n)]
+    units = rows + ["".join(row[c] for row in rows) for c in range(n)]
+    corners = [(r, c) for r in range(0, n, box_rows) for c in range(0, n, box_cols)]
+    units += ["".join(rows[r + a][c : c + box_cols] for a in range(box_rows)) for r, c in corners]
+    return all(set(u) == set(digits) for u in units)
 
 
 _CHECKERS: dict[str, Callable[[str, str], bool]] = {
     "addition": _check_addition,
     "dyck": _check_dyck,
     "sorting": _check_sorting,
-    "sudoku": _check_sudoku,
+    "sudoku": partial(_check_sudoku, 2, 2),
+    "sudoku6": partial(_check_sudoku, 2, 3),
 }

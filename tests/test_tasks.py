@@ -18,6 +18,7 @@ from ebt.tasks import (
     difficulty_ranges,
     make_task,
     task_text,
+    train_max_chars,
 )
 
 # Shapes of a well-formed prompt / answer, written here independently of the module.
@@ -26,8 +27,10 @@ PROMPT_RE = {
     "dyck": re.compile(r"[()\[\]{}]+="),
     "sorting": re.compile(r"\d+="),
     "sudoku": re.compile(r"[1-4.]{16}="),
+    "sudoku6": re.compile(r"[1-6.]{36}="),
 }
-ANSWER_ALPHABET = {"addition": "0123456789", "dyck": ")]}", "sorting": "0123456789", "sudoku": "1234"}
+ANSWER_ALPHABET = {"addition": "0123456789", "dyck": ")]}", "sorting": "0123456789", "sudoku": "1234", "sudoku6": "123456"}
+SUDOKU_BOX = {"sudoku": (2, 2), "sudoku6": (2, 3)}  # (rows, columns) of a box
 
 
 def measure(name: str, prompt: str) -> int:
@@ -43,7 +46,7 @@ def measure(name: str, prompt: str) -> int:
         return best
     if name == "sorting":
         return len(body)
-    return body.count(".")
+    return body.count(".")  # both Sudokus
 
 
 def corrupt(name: str, answer: str, rng: random.Random) -> str:
@@ -61,7 +64,7 @@ def data() -> dict[tuple[str, str], object]:
 
 
 def test_public_constants() -> None:
-    assert TASK_NAMES == ("addition", "dyck", "sorting", "sudoku")
+    assert TASK_NAMES == ("addition", "dyck", "sorting", "sudoku", "sudoku6")
     assert SPLITS == ("train", "validation", "test", "harder")
 
 
@@ -124,15 +127,45 @@ def test_checker_known_cases() -> None:
     assert not check_answer("sudoku", "1.2...3.3.4..413=", 1324423131422413)  # type: ignore[arg-type]
 
 
-def count_sudoku_solutions(board: str, limit: int = 2) -> int:
-    """Plain backtracking over the blanks of a 4x4 board; stops counting at ``limit``."""
+SOLVED6 = "123456456123231564564231312645645312"  # a valid 6x6 board (2x3 boxes), checked below
+
+
+def test_sudoku6_checker_known_cases() -> None:
+    blank = "." * 36 + "="
+    assert check_answer("sudoku6", blank, SOLVED6)
+    relabelled = SOLVED6.translate(str.maketrans("123456", "645231"))
+    assert check_answer("sudoku6", blank, relabelled)  # rules only: any valid board completes a blank one
+    assert not check_answer("sudoku6", SOLVED6[:35] + ".=", relabelled)  # givens changed
+    latin = "".join(str((r + c) % 6 + 1) for r in range(6) for c in range(6))  # rows and columns fine ...
+    assert not check_answer("sudoku6", blank, latin)  # ... but the first box holds 1,2,3 and 2,3,4
+    swapped = SOLVED6[1] + SOLVED6[0] + SOLVED6[2:]  # row and box still hold 1-6, two columns don't
+    assert not check_answer("sudoku6", blank, swapped)
+    for bad in (SOLVED6[:-1], SOLVED6 + "1", SOLVED6[:-1] + "7", SOLVED6[:-1] + "."):
+        assert not check_answer("sudoku6", blank, bad), bad
+
+
+def test_sudoku6_boards_are_all_boards_up_to_renaming() -> None:
+    """The generator's uniformity argument: its table holds every solved 6x6 board with first row
+    123456, i.e. all 28,200,960 boards (a published count) divided by the 720 digit renamings."""
+    from ebt.tasks import _sudoku6_boards
+
+    boards = _sudoku6_boards()
+    assert len(boards) == len(set(boards)) == 28_200_960 // 720
+    assert all(b.startswith("123456") and check_answer("sudoku6", "." * 36 + "=", b) for b in boards)
+
+
+def count_sudoku_solutions(board: str, box: tuple[int, int] = (2, 2), limit: int = 2) -> int:
+    """Plain backtracking over the blanks of a square board, first blank first (the module fills
+    the most constrained blank first instead); stops counting at ``limit``."""
+    box_rows, box_cols = box
+    n = box_rows * box_cols
     cells = list(board)
 
     def ok(i: int, v: str) -> bool:
-        r, c = divmod(i, 4)
-        peers = {4 * r + k for k in range(4)} | {4 * k + c for k in range(4)}
-        br, bc = r - r % 2, c - c % 2
-        peers |= {4 * (br + a) + bc + b for a in (0, 1) for b in (0, 1)}
+        r, c = divmod(i, n)
+        peers = {n * r + k for k in range(n)} | {n * k + c for k in range(n)}
+        br, bc = r - r % box_rows, c - c % box_cols
+        peers |= {n * (br + a) + bc + b for a in range(box_rows) for b in range(box_cols)}
         return all(cells[j] != v for j in peers if j != i)
 
     def solve() -> int:
@@ -140,7 +173,7 @@ def count_sudoku_solutions(board: str, limit: int = 2) -> int:
             return 1
         i = cells.index(".")
         found = 0
-        for v in "1234":
+        for v in "123456"[:n]:
             if ok(i, v):
                 cells[i] = v
                 found += solve()
@@ -152,11 +185,18 @@ def count_sudoku_solutions(board: str, limit: int = 2) -> int:
     return solve()
 
 
-def test_sudoku_puzzles_have_exactly_one_solution(data) -> None:
+@pytest.mark.parametrize("name", ["sudoku", "sudoku6"])
+def test_sudoku_puzzles_have_exactly_one_solution(name: str, data) -> None:
+    box = SUDOKU_BOX[name]
     assert count_sudoku_solutions("........21434321") == 2  # the solver can see ambiguity
-    for split in ("train", "harder"):
-        for prompt in data["sudoku", split]["prompt"][:300]:
-            assert count_sudoku_solutions(prompt[:-1]) == 1, prompt
+    assert count_sudoku_solutions(SOLVED6, box=(2, 3)) == 1
+    assert count_sudoku_solutions("." * 12 + SOLVED6[12:], box=(2, 3)) == 2  # rows 0 and 1 may swap
+    prompts = data[name, "train"]["prompt"][:300] + data[name, "harder"]["prompt"][:300]
+    if name == "sudoku6":  # above 24 blanks the generator takes its other path (removal, not rejection)
+        hi = DIFFICULTY_LIMITS[name][1]
+        prompts += make_task(name, "harder", 20, min_difficulty=hi - 1, max_difficulty=hi)["prompt"]
+    for prompt in prompts:
+        assert count_sudoku_solutions(prompt[:-1], box=box) == 1, prompt
 
 
 @pytest.mark.parametrize(
@@ -169,6 +209,10 @@ def test_sudoku_puzzles_have_exactly_one_solution(data) -> None:
         ("sorting", "12a="),
         ("sudoku", "123="),
         ("sudoku", "1.2...3.3.4..415="),
+        ("sudoku", "." * 36 + "="),  # a 6x6 prompt is not a 4x4 one ...
+        ("sudoku6", "1.2...3.3.4..413="),  # ... nor the reverse
+        ("sudoku6", "." * 35 + "="),
+        ("sudoku6", "7" + "." * 35 + "="),
     ],
 )
 def test_checker_rejects_malformed_prompt(name: str, prompt: str) -> None:
@@ -222,7 +266,16 @@ def test_length_budget(name: str, data) -> None:
         longest = max(len(task_text(p, a)) for p, a in zip(ds["prompt"], ds["answer"]))
         assert longest < MAX_CHARS
         if split != "harder":
-            assert longest <= TRAIN_MAX_CHARS, (split, longest)
+            assert longest <= train_max_chars(name), (split, longest)
+
+
+def test_train_max_chars() -> None:
+    assert [train_max_chars(n) for n in TASK_NAMES] == [TRAIN_MAX_CHARS] * 4 + [74]
+    for split in SPLITS:  # every 6x6 line: 36 cells, "=", 36 digits, newline
+        ds = make_task("sudoku6", split, 50)
+        assert {len(task_text(p, a)) for p, a in zip(ds["prompt"], ds["answer"])} == {74}
+    with pytest.raises(ValueError, match=r"allowed tasks"):
+        train_max_chars("sudoku9x9")
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -253,7 +306,7 @@ def test_task_text() -> None:
 @pytest.mark.parametrize(
     "args, kwargs, message",
     [
-        (("multiplication", "train", 10), {}, r"unknown task 'multiplication'.*addition, dyck, sorting, sudoku"),
+        (("multiplication", "train", 10), {}, r"unknown task 'multiplication'.*addition, dyck, sorting, sudoku, sudoku6"),
         (("addition", "dev", 10), {}, r"unknown split 'dev'.*train, validation, test, harder"),
         (("addition", "train", 0), {}, r"num_examples must be a positive int, got 0"),
         (("addition", "train", -3), {}, r"num_examples must be a positive int"),
@@ -265,6 +318,8 @@ def test_task_text() -> None:
         (("addition", "train", 10), {"max_difficulty": 99}, r"<= 30"),
         (("addition", "train", 10), {"min_difficulty": 0}, r"1 <= min_difficulty"),
         (("sudoku", "harder", 10), {"min_difficulty": 8}, r"'harder' split .* above the training range \(max 8\)"),
+        (("sudoku6", "harder", 10), {"min_difficulty": 14}, r"'harder' split .* above the training range \(max 14\)"),
+        (("sudoku6", "train", 10), {"max_difficulty": 27}, r"<= 26"),
         (("sorting", "validation", 5), {"min_difficulty": 1, "max_difficulty": 1}, r"could only find \d+ distinct"),
     ],
 )
@@ -274,7 +329,7 @@ def test_bad_arguments_raise_helpful_value_error(args, kwargs, message) -> None:
 
 
 def test_bad_names_elsewhere_raise() -> None:
-    with pytest.raises(ValueError, match=r"allowed tasks: addition, dyck, sorting, sudoku"):
+    with pytest.raises(ValueError, match=r"allowed tasks: addition, dyck, sorting, sudoku, sudoku6"):
         difficulty_ranges("sudoku9x9")
     with pytest.raises(ValueError, match=r"allowed tasks"):
         check_answer("sudoku9x9", "1=", "1")
