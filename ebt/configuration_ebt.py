@@ -251,6 +251,15 @@ class EBTConfig(PreTrainedConfig):
     # random), weighted by contrastive_weight, so confident wrong answers are pushed up.
     contrastive_weight: float = 0.0
     contrastive_negatives: int = 8
+    # Joint continuation (reasoning): 0 = autoregressive, one candidate per next token. m > 0 =
+    # a block of m candidates after the prompt (the answer, then EOS padding), each attending to
+    # the whole prompt and to every candidate of the block, refined together: one energy per
+    # problem (the sum over the block). Training rows end with the block (data.answer_block).
+    joint_block_size: int = 0
+    # Deep supervision: the inner loop runs train_segments times per batch, each segment starting
+    # from the previous segment's detached final candidates, with a loss at every segment, so the
+    # answer becomes an attractor that longer inference keeps (or reaches).
+    train_segments: int = 1
 
     # What thinking callers get by default: one ``inference_<field>`` per ThinkingConfig field.
     inference_steps: int | None = None
@@ -319,6 +328,18 @@ class EBTConfig(PreTrainedConfig):
             raise bad("train_steps_max", f"must be None or an integer >= train_steps={self.train_steps}")
         if not (_is_int(self.draft_layers) and self.draft_layers >= 0):
             raise bad("draft_layers", "must be an integer >= 0")
+        if not (_is_int(self.train_segments) and self.train_segments >= 1):
+            raise bad("train_segments", "must be an integer >= 1")
+        if not (_is_int(self.joint_block_size) and 0 <= self.joint_block_size < self.max_position_embeddings):
+            raise bad(
+                "joint_block_size",
+                f"must be 0 (autoregressive) or an integer in [1, max_position_embeddings={self.max_position_embeddings})",
+            )
+        if self.joint_block_size and (self.draft_head or self.contrastive_weight > 0):
+            raise bad(
+                "joint_block_size",
+                "the joint mode has no draft head and no contrastive term yet: set draft_head=False and contrastive_weight=0",
+            )
         if self.contrastive_weight > 0 and not (
             _is_int(self.contrastive_negatives) and 1 <= self.contrastive_negatives < self.vocab_size
         ):

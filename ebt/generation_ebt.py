@@ -14,6 +14,9 @@ its cache is an ``EBTContext`` rather than a ``Cache``. Per new token:
    candidate through the layers against the cached keys/values, and back;
 3. the final candidate logits go through the usual logits warpers, then argmax or sampling.
 
+In the joint mode (``joint_block_size`` m > 0) step 2 refines the whole block of m positions after
+the context at once and step 3 emits all of them; the next round encodes that block into the cache.
+
 The random starts and Langevin noise of ``think()`` depend only on (seed, absolute position), so
 greedy generation picks exactly what ``think()`` picks on the same prefix, cached or not, alone
 or in a left-padded batch.
@@ -157,11 +160,17 @@ class EBTGenerationMixin:
         when it returns True for it. Thinking: ``thinking=ThinkingConfig(...)`` and/or
         ``think_<field>`` keyword arguments (``think_steps=4``), also accepted as entries of the
         ``generation_config``; unset ones default to the model config's ``inference_*`` fields.
+        ``energy_terms``: extra ``(weight, term)`` energies for every thinking step (see ``think``).
+
+        Joint mode (``config.joint_block_size`` m > 0): each round thinks about a whole block of m
+        tokens after the context and emits it (cut to the length budget); a longer answer takes
+        block after block, each continuing the cached context. A row ends at its first EOS.
 
         Returns the sequences (B * num_return_sequences, T + new), or an ``EBTGenerateOutput``
         with per-token ``energies`` when ``return_dict_in_generate=True``.
         """
         thinking = _thinking(kwargs)
+        energy_terms = kwargs.pop("energy_terms", ())
         config = _merge_config(self.generation_config, generation_config, kwargs)
         # Precedence: think_* keyword arguments > ``thinking=`` > the generation config's entries
         # (think_<field>, e.g. from a checkpoint's generation_config.json) > the model config.
@@ -183,38 +192,51 @@ class EBTGenerationMixin:
         warpers = _warpers(config)
 
         unfinished = torch.ones(bsz, dtype=torch.bool, device=sequences.device)
-        context = None
+        context, chunk = None, 0  # chunk: tokens appended last round, not yet in the cache
         energies, steps_taken, scores, raw_logits = [], [], [], []
         function_evaluations = None
         if streamer is not None:
             streamer.put(sequences.cpu())
-        for _ in range(max_new):
+        while sequences.shape[1] - prompt_len < max_new:
             if context is None or not use_cache:
                 context = self.model.encode(sequences, mask)  # (re)computes the whole prefix
             else:
-                context = self.model.encode(sequences[:, -1:], mask, past=context)  # one new token
-            last = torch.tensor([context.length - 1], device=sequences.device)
-            out = self.think(thinking=thinking, context=context, query_index=last, final_energy=config.return_dict_in_generate)
-            logits = out.logits[:, 0]  # (B, V)
-            warped = warpers(sequences, logits)
+                context = self.model.encode(sequences[:, -chunk:], mask, past=context)  # the new tokens only
+            # Autoregressive: think about the last position's next token. Joint mode: the block after the context.
+            query = None if self.config.joint_block_size else torch.tensor([context.length - 1], device=sequences.device)
+            out = self.think(
+                sequences,
+                mask,
+                thinking=thinking,
+                context=context,
+                query_index=query,
+                energy_terms=energy_terms,
+                final_energy=config.return_dict_in_generate,
+            )
+            chunk = min(out.logits.shape[1], max_new - (sequences.shape[1] - prompt_len))
+            logits = out.logits[:, :chunk]  # (B, chunk, V)
+            warped = warpers(sequences.repeat_interleave(chunk, dim=0), logits.flatten(0, 1)).view_as(logits)
             if config.do_sample:
-                next_tokens = torch.multinomial(torch.softmax(warped, dim=-1), num_samples=1)[:, 0]
+                new = torch.multinomial(torch.softmax(warped.flatten(0, 1), dim=-1), num_samples=1).view(bsz, chunk)
             else:
-                next_tokens = warped.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, pad)
-            energies.append(torch.where(unfinished, out.energies[:, 0, -1], float("nan")))
-            steps_taken.append(torch.where(unfinished, out.steps_taken[:, 0], 0))
-            scores.append(warped)
-            raw_logits.append(logits)
+                new = warped.argmax(dim=-1)  # (B, chunk)
+            is_eos = torch.isin(new, eos) if len(eos) else torch.zeros_like(new, dtype=torch.bool)
+            after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # positions after a row's first EOS
+            keep = unfinished[:, None] & ~after_eos
+            new = torch.where(keep, new, pad)
+            energies.append(torch.where(keep, out.energies[:, :chunk, -1], float("nan")))
+            steps_taken.append(torch.where(keep, out.steps_taken[:, :chunk], 0))
+            scores.extend(warped.unbind(1))
+            raw_logits.extend(logits.unbind(1))
             function_evaluations = out.function_evaluations
-            sequences = torch.cat((sequences, next_tokens[:, None]), dim=1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            sequences = torch.cat((sequences, new), dim=1)
+            mask = torch.cat((mask, torch.ones_like(new)), dim=1)
             if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if len(eos):
-                unfinished = unfinished & ~torch.isin(next_tokens, eos)
+                for column in new.unbind(1):
+                    streamer.put(column.cpu())
+            unfinished = unfinished & ~(is_eos & keep).any(1)
             if stopping_criteria:
-                unfinished = unfinished & ~stopping_criteria(sequences, warped)
+                unfinished = unfinished & ~stopping_criteria(sequences, warped[:, -1])
             if not unfinished.any():
                 break
         if streamer is not None:
@@ -226,8 +248,8 @@ class EBTGenerationMixin:
             sequences=sequences,
             scores=tuple(scores) if config.output_scores else None,
             logits=tuple(raw_logits) if config.output_logits else None,
-            energies=torch.stack(energies, dim=1),
-            steps_taken=torch.stack(steps_taken, dim=1),
+            energies=torch.cat(energies, dim=1),
+            steps_taken=torch.cat(steps_taken, dim=1),
             function_evaluations=function_evaluations,
         )
 

@@ -26,6 +26,7 @@ generation all call it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,9 @@ _IGNORED_FORWARD_KWARGS = frozenset(
         "token_type_ids",
     }
 )
+# An extra energy term of ``think``/``generate``: (probs (B, Lc, V), input_ids (B, T), attention_mask
+# (B, T)) -> energies (B, Lc) or (B,).
+EnergyTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Accepted only as None: the model computes positions itself and keeps its own context cache.
 _NONE_ONLY_KWARGS = frozenset({"past_key_values", "position_ids", "inputs_embeds"})
 
@@ -278,18 +282,24 @@ class EBTAttention(nn.Module):
         values: torch.Tensor,
         hidden: torch.Tensor,
         qkv_weight: torch.Tensor,
+        joint: bool = False,
     ) -> torch.Tensor:
         """Candidate stream attention.
 
         x: (B, Lc, D) candidate states; rope: their ``qk_rope`` tables; keys/values: (B, H, T, Dh)
-        observed; hidden: (B, 1, Lc, T) additive mask, -inf at observed keys a candidate may not see.
+        observed; hidden: (B, 1, Lc or 1, T) additive mask, -inf at observed keys a candidate may
+        not see. A candidate also sees its own key, or with ``joint`` every candidate's (the block).
         """
         q, k, v = self.project(x, rope, qkv_weight)
         scores_obs = torch.matmul(q, keys.transpose(-1, -2)) + hidden  # (B, H, Lc, T); q is pre-scaled
-        score_self = (q * k).sum(-1, keepdim=True)  # (B, H, Lc, 1)
-        weights = torch.softmax(_at_least_fp32(torch.cat((scores_obs, score_self), dim=-1)), dim=-1)
-        w_obs, w_self = _like(weights, q).split((keys.shape[-2], 1), dim=-1)
-        return self._merge(torch.matmul(w_obs, values) + w_self * v)  # (B, H, Lc, Dh) -> (B, Lc, D)
+        if joint:
+            scores_cand = torch.matmul(q, k.transpose(-1, -2))  # (B, H, Lc, Lc): the whole block
+        else:
+            scores_cand = (q * k).sum(-1, keepdim=True)  # (B, H, Lc, 1): itself only
+        weights = torch.softmax(_at_least_fp32(torch.cat((scores_obs, scores_cand), dim=-1)), dim=-1)
+        w_obs, w_cand = _like(weights, q).split((keys.shape[-2], scores_cand.shape[-1]), dim=-1)
+        out = torch.matmul(w_obs, values) + (torch.matmul(w_cand, v) if joint else w_cand * v)
+        return self._merge(out)  # (B, H, Lc, Dh) -> (B, Lc, D)
 
 
 class EBTDraftHead(nn.Module):
@@ -461,13 +471,28 @@ class EBTModel(EBTPreTrainedModel):
         not depend on the candidates (RoPE tables, visibility mask) is built here once and reused
         by every inner step.
         """
-        dtype = context.keys[0].dtype
         positions = context.positions[:, query_index] + 1  # (B, Lc)
-        rope = qk_rope(positions, self.config.head_dim, self.config.rope_theta, dtype)
         k_index = torch.arange(context.length, device=context.key_valid.device)
         visible = (k_index[None, :] <= query_index[:, None])[None] & context.key_valid[:, None, :]  # (B, Lc, T)
+        return self._candidate_energy(context, positions, visible, joint=False)
+
+    def block_energy_function(self, context: EBTContext, size: int):
+        """The joint mode's energy ``E(probs, step) -> (B, size)`` of a block ``probs`` (B, size, V).
+
+        The block continues the whole context: candidate j sits at RoPE position (last token's
+        position + 1 + j), sees every (non-padding) context key and every candidate of the block.
+        The energy of a problem is the sum over its block; per-position values are returned so
+        that the caller can weight or mask positions.
+        """
+        positions = context.positions[:, -1:] + 1 + torch.arange(size, device=context.key_valid.device)  # (B, size)
+        return self._candidate_energy(context, positions, context.key_valid[:, None, :], joint=True)
+
+    def _candidate_energy(self, context: EBTContext, positions: torch.Tensor, visible: torch.Tensor, joint: bool):
+        """The energy closure shared by both modes; ``visible`` (B, Lc or 1, T): observed keys a candidate sees."""
+        dtype = context.keys[0].dtype
+        rope = qk_rope(positions, self.config.head_dim, self.config.rope_theta, dtype)
         hidden = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
-        hidden = hidden[:, None]  # (B, 1, Lc, T)
+        hidden = hidden[:, None]  # (B, 1, Lc or 1, T)
         weight = self.embed_tokens.weight.t() if self.candidate_embed is None else self.candidate_embed.weight
         fused = [layer.fused_weights() for layer in self.layers]
 
@@ -477,7 +502,7 @@ class EBTModel(EBTPreTrainedModel):
                 h = h + self.step_embed.weight[min(step, self.step_embed.num_embeddings - 1)]
             for layer, keys, values, (qkv_weight, gate_up_weight) in zip(self.layers, context.keys, context.values, fused):
                 x = layer.input_layernorm(h)
-                h = h + layer.self_attn.candidate(x, rope, keys, values, hidden, qkv_weight)
+                h = h + layer.self_attn.candidate(x, rope, keys, values, hidden, qkv_weight, joint)
                 h = layer.feed_forward(h, gate_up_weight)
             return _at_least_fp32(self.energy_head(self.norm(h))[..., 0])
 
@@ -562,6 +587,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         tolerance: float | None = None,
         halting: str = "energy",
         accept_decrease: bool = False,
+        joint: bool = False,
         final_energy: bool = True,
         keep_trajectory: bool = False,
     ) -> dict:
@@ -578,11 +604,21 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         every step. ``noise_fn(step, shape)`` draws Langevin noise (seeded at inference).
         Inference only: ``tolerance`` freezes a position once a step lowers its energy by less
         than that (``halting="energy"``) or moves its distribution by less (``"residual"``: the
-        largest change of a probability); ``accept_decrease`` undoes a step that raised a position's energy and halves
-        that position's step size. Returns z, energies (B, Lc, S), step_losses, steps_taken and
-        trajectory.
+        largest change of a probability); ``accept_decrease`` undoes a step that raised a
+        position's energy and halves that position's step size. With ``joint`` the unit of those
+        decisions is the problem (a row's block: its summed energy, its largest move), so a block
+        halts, or is undone, as a whole. Returns z, energies (B, Lc, S), step_losses, steps_taken
+        and trajectory.
         """
         cfg = self.config
+
+        def per_problem(x: torch.Tensor, how: str) -> torch.Tensor:
+            """(B, Lc) -> (B, Lc): with ``joint`` every position gets its row's sum or max."""
+            if not joint:
+                return x
+            reduced = x.sum(1, keepdim=True) if how == "sum" else x.amax(1, keepdim=True)
+            return reduced.expand_as(x)
+
         bsz, n, _ = z.shape
         step_size = (step_size.reshape(1, 1, 1) if step_size.dim() == 0 else step_size).expand(bsz, n, 1)
         active = torch.ones(bsz, n, dtype=torch.bool, device=z.device)
@@ -601,7 +637,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             if not training:
                 energy, grad, p = energy.detach(), grad.detach(), p.detach()
                 if accept_decrease and last_good is not None:
-                    worse = (energy > last_good[3]) & active  # the previous step raised the energy: undo it
+                    # the previous step raised the energy: undo it
+                    worse = (per_problem(energy, "sum") > per_problem(last_good[3], "sum")) & active
                     z, z_in, p, energy, grad = (
                         torch.where(worse if new.dim() == 2 else worse[..., None], old, new)
                         for old, new in zip(last_good, (z, z_in, p, energy, grad))
@@ -609,7 +646,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                     step_size = torch.where(worse[..., None], step_size / 2, step_size)
                     steps_taken = steps_taken - worse.long()
                 if tolerance is not None and halting == "energy" and energies:
-                    active = active & ((energies[-1] - energy) >= tolerance)
+                    active = active & (per_problem(energies[-1] - energy, "sum") >= tolerance)
                 last_good = (z, z_in, p, energy, grad)
             energies.append(energy)
             alpha = step_size if step_size_factor is None else step_size * step_size_factor(i)
@@ -623,7 +660,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             if training:
                 z = z_new
             else:
-                moved = (torch.softmax(z_new, dim=-1) - torch.softmax(z, dim=-1)).abs().amax(-1)
+                moved = per_problem((torch.softmax(z_new, dim=-1) - torch.softmax(z, dim=-1)).abs().amax(-1), "max")
                 z = torch.where(active[..., None], z_new.detach(), z)
                 steps_taken = steps_taken + active.long()
                 if tolerance is not None and halting == "residual":
@@ -637,7 +674,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             with torch.no_grad():
                 last = energy_fn(torch.softmax(z.detach(), dim=-1), steps)
             if accept_decrease and last_good is not None:
-                worse = (last > last_good[3]) & active
+                worse = (per_problem(last, "sum") > per_problem(last_good[3], "sum")) & active
                 z = torch.where(worse[..., None], last_good[0], z)
                 last = torch.where(worse, last_good[3], last)
                 steps_taken = steps_taken - worse.long()
@@ -676,6 +713,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         changes every optimiser step.
         """
         keys = [(seed, int(row)) for row in rows.tolist()]
+        length = self.config.joint_block_size or length  # the joint mode's candidates: its block
         noise = keyed_normal(keys, (length, self.config.vocab_size), self.alpha.device)
         return noise * self.config.init_noise_scale
 
@@ -691,6 +729,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         return_trajectory: bool = False,
         context: EBTContext | None = None,
         query_index: torch.Tensor | None = None,
+        energy_terms: Sequence[tuple[float, EnergyTerm]] = (),
         final_energy: bool = True,
         **settings,
     ) -> EBTThinkOutput:
@@ -698,11 +737,18 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
 
         thinking: a ``ThinkingConfig``; ``settings`` are its field names (``steps=8, samples=4``)
             and override it; unset fields take the checkpoint's ``inference_*`` defaults.
-        labels: (B, L) token ids, HF convention (shifted inside); gives ``step_losses``
-            (one trajectory: samples == 1).
+        labels: token ids giving ``step_losses`` (one trajectory: samples == 1): (B, L) in the
+            HF convention (shifted inside), or in the joint mode the block's targets (B, m).
         init_logits: (B, Lc, V) starting candidates instead of the seeded random starts.
         context/query_index: a precomputed ``EBTContext`` (e.g. a generation KV cache) and which
-            of its indices to predict after; by default every position of ``input_ids``.
+            of its indices to predict after; by default every position of ``input_ids``. In the
+            joint mode (``config.joint_block_size`` m > 0) and without ``query_index`` the
+            candidates are the block of m positions after the (left-padded) context.
+        energy_terms: ``(weight, term)`` pairs added to the model's energy in the same inner loop
+            (product of experts, task constraints; ``ebt.energies``): ``term(probs, input_ids,
+            attention_mask)`` -> (B, Lc) per position or (B,) per problem (spread evenly over its
+            positions), differentiable in ``probs`` (B, Lc, V). Needs ``input_ids`` even with a
+            ``context``.
         final_energy: False skips the energy pass after the last step when the caller does not
             read it (``energies`` then stops before the last step); kept where choosing among
             samples or ``accept_decrease`` needs it.
@@ -722,18 +768,36 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             raise ValueError("think(return_trajectory=True) needs samples=1: each random start has its own trajectory.")
         if labels is not None and samples > 1:
             raise ValueError("think(labels=...) gives per-step losses of one trajectory: use samples=1.")
+        if energy_terms and input_ids is None:
+            raise ValueError("think(energy_terms=...) needs input_ids (the terms read the prompt), also with a context.")
 
         with torch.no_grad():
             if context is None:
                 if input_ids is None:
                     raise ValueError("think() needs input_ids (or a precomputed context).")
                 context = self.model.encode(input_ids, attention_mask)
-            if query_index is None:
-                query_index = torch.arange(context.length, device=context.key_valid.device)
-            bsz, n = context.batch_size, len(query_index)
-            positions = context.positions[:, query_index]
+            joint = cfg.joint_block_size > 0 and query_index is None
+            device = context.key_valid.device
+            if joint:
+                n = cfg.joint_block_size
+                positions = context.positions[:, -1:] + 1 + torch.arange(n, device=device)  # (B, m)
+                energy_fn = self.model.block_energy_function(context.repeat(samples), n)
+                targets = labels
+            else:
+                if query_index is None:
+                    query_index = torch.arange(context.length, device=device)
+                n = len(query_index)
+                positions = context.positions[:, query_index]
+                energy_fn = self.model.energy_function(context.repeat(samples), query_index)
+                targets = _shift_labels(labels)[:, query_index] if labels is not None else None
+            bsz = context.batch_size
+            if targets is not None and targets.shape != (bsz, n):
+                raise ValueError(f"labels give targets of shape {tuple(targets.shape)}; expected {(bsz, n)}.")
+            if energy_terms:
+                energy_fn = _with_terms(energy_fn, energy_terms, input_ids.repeat(samples, 1), attention_mask, samples)
             if init_logits is None:
-                z0 = self.initial_logits(positions, thinking, context.draft(query_index) if thinking.init == "draft" else None)
+                draft = context.draft(query_index) if thinking.init == "draft" else None
+                z0 = self.initial_logits(positions, thinking, draft)
             else:
                 if init_logits.shape != (bsz, n, cfg.vocab_size):
                     raise ValueError(f"init_logits has shape {tuple(init_logits.shape)}; expected {(bsz, n, cfg.vocab_size)}.")
@@ -741,14 +805,13 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             step_size = (
                 self.alpha.detach() if thinking.step_size is None else torch.tensor(thinking.step_size, device=z0.device)
             )
-            targets = _shift_labels(labels)[:, query_index] if labels is not None else None
 
             def noise_fn(step: int, shape: torch.Size) -> torch.Tensor:
                 return _position_normal(positions, samples, cfg.vocab_size, thinking.seed, salt=step + 1).flatten(0, 1)
 
             anchor = None if context.draft_logits is None else context.draft(query_index).repeat(samples, 1, 1)
             result = self._optimize(
-                self.model.energy_function(context.repeat(samples), query_index),
+                energy_fn,
                 z0.to(_at_least_fp32(self.alpha).dtype),
                 steps=thinking.steps,
                 step_size=_at_least_fp32(step_size),
@@ -761,6 +824,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 tolerance=thinking.tolerance,
                 halting=thinking.halting,
                 accept_decrease=thinking.accept_decrease,
+                joint=joint,
                 final_energy=final_energy or samples > 1 or thinking.accept_decrease or thinking.steps == 0,
                 keep_trajectory=return_trajectory,
             )
@@ -772,8 +836,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             if thinking.selection == "average":  # the mean of the samples' distributions
                 logits = torch.logsumexp(torch.log_softmax(z, dim=-1), dim=0) - math.log(samples)
                 chosen_energies, chosen_taken = energies.mean(0), taken.max(0).values
-            else:  # the start with the lowest final energy
-                best = final.argmin(0)[None]  # (1, B, Lc)
+            else:  # the start with the lowest final energy: per position, or per problem (joint)
+                score = final.sum(-1, keepdim=True).expand_as(final) if joint else final
+                best = score.argmin(0)[None]  # (1, B, Lc)
                 logits = z.gather(0, best[..., None].expand(1, bsz, n, vocab))[0]
                 chosen_energies = energies.gather(0, best[..., None].expand(1, bsz, n, energies.shape[-1]))[0]
                 chosen_taken = taken.gather(0, best)[0]
@@ -801,6 +866,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         labels: HF convention (same ids as ``input_ids``, shifted inside, -100 ignored).
         init_logits: (B, L, V) starting candidates (the replay buffer's, in training).
         thinking / ``think_<field>`` keyword arguments: inference settings (eval mode only).
+        Joint mode (``config.joint_block_size`` m > 0): ``input_ids`` (B, P + m) is a left-padded
+        prompt followed by the m positions of the answer block, whose ids are never read (only
+        ``labels`` there, unshifted: ``logits[:, j]`` (B, m, V) predicts block position j).
         """
         settings = ThinkingConfig.pop_prefixed(kwargs)
         unknown = [
@@ -818,17 +886,32 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
 
         thinking = (thinking or ThinkingConfig()).merged(settings)
         one_trajectory = thinking.resolve(self.config).samples == 1
-        out = self.think(
-            input_ids, attention_mask, thinking, init_logits=init_logits, labels=labels if one_trajectory else None
-        )
+        prompt, prompt_mask, targets = self._split_block(input_ids, attention_mask, labels)
+        think_labels = (labels if targets is None else targets) if one_trajectory else None
+        out = self.think(prompt, prompt_mask, thinking, init_logits=init_logits, labels=think_labels)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                _at_least_fp32(out.logits.flatten(0, 1)), _shift_labels(labels).flatten(), ignore_index=-100
-            )
+            targets = _shift_labels(labels) if targets is None else targets
+            loss = F.cross_entropy(_at_least_fp32(out.logits.flatten(0, 1)), targets.flatten(), ignore_index=-100)
         return EBTCausalLMOutput(
             loss=loss, logits=out.logits, energies=out.energies, step_losses=out.step_losses, steps_taken=out.steps_taken
         )
+
+    def _split_block(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Joint mode: a row (B, P + m) -> prompt ids (B, P), prompt mask, block targets (B, m).
+        Autoregressive: the inputs unchanged and no targets (labels are shifted by the caller)."""
+        m = self.config.joint_block_size
+        if not m:
+            return input_ids, attention_mask, None
+        if input_ids.shape[1] <= m:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions; a joint-mode row is a prompt followed by the "
+                f"answer block of joint_block_size={m} positions (see data.answer_block), so it needs more than {m}."
+            )
+        mask = None if attention_mask is None else attention_mask[:, :-m]
+        return input_ids[:, :-m], mask, None if labels is None else labels[:, -m:]
 
     # ---------------------------------------------------------------- training
     def training_steps(self) -> int:
@@ -853,7 +936,9 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         quantity evaluation reports. Without ``init_logits`` the starts come from
         ``starting_candidates`` with a seed drawn from torch's global generator. With a draft
         head, ``init_logits`` is an offset from the (detached) draft, and the draft's
-        cross-entropy (times ``draft_loss_weight``) joins the objective.
+        cross-entropy (times ``draft_loss_weight``) joins the objective. With ``train_segments``
+        > 1 the loop runs again from its detached result, and the objective averages the segments.
+        In the joint mode a row ends with the answer block (see ``forward``).
         ``energy_fn`` replaces the cached-context energy (the plain reference uses it).
         """
         if not torch.is_grad_enabled():
@@ -862,11 +947,16 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 "disabled. To evaluate, call model.eval() and the forward thinks; to train, leave torch.no_grad()."
             )
         cfg = self.config
-        bsz, length = input_ids.shape
+        prompt, prompt_mask, targets = self._split_block(input_ids, attention_mask, labels)
+        joint = cfg.joint_block_size > 0
+        bsz, length = prompt.shape
+        n = cfg.joint_block_size if joint else length  # candidate positions per row
         context = None
         if energy_fn is None or self.model.draft is not None:
-            context = self.model.encode(input_ids, attention_mask)
-        if energy_fn is None:
+            context = self.model.encode(prompt, prompt_mask)
+        if energy_fn is None and joint:
+            energy_fn = self.model.block_energy_function(context, n)
+        elif energy_fn is None:
             energy_fn = self.model.energy_function(context, torch.arange(length, device=input_ids.device))
         if init_logits is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -877,25 +967,32 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         step_size = self.alpha
         if cfg.step_size_random_scale > 1:
             s = cfg.step_size_random_scale
-            u = torch.rand(bsz, length, 1, device=input_ids.device)
+            u = torch.rand(bsz, n, 1, device=input_ids.device)
             step_size = self.alpha * (1 / s + (s - 1 / s) * u)  # uniform in [alpha/s, alpha*s]
-        targets = _shift_labels(labels) if labels is not None else None
-        result = self._optimize(
-            energy_fn,
-            _at_least_fp32(init_logits),
-            steps=self.training_steps(),
-            step_size=step_size,
-            training=True,
-            noise=cfg.langevin_noise,
-            noise_fn=lambda step, shape: torch.randn(shape, device=input_ids.device),
-            anchor=None if draft is None else draft.detach(),
-            targets=targets,
-            final_energy=False,
-        )
-        losses = result["step_losses"]
-        objective = draft_loss = contrastive = None
+        if targets is None and labels is not None:
+            targets = _shift_labels(labels)
+        # Deep supervision: each segment starts where the previous one ended (detached) and is scored.
+        z, objectives, losses, energies = _at_least_fp32(init_logits), [], None, []
+        for _ in range(cfg.train_segments):
+            result = self._optimize(
+                energy_fn,
+                z,
+                steps=self.training_steps(),
+                step_size=step_size,
+                training=True,
+                noise=cfg.langevin_noise,
+                noise_fn=lambda step, shape: torch.randn(shape, device=input_ids.device),
+                anchor=None if draft is None else draft.detach(),
+                targets=targets,
+                final_energy=False,
+            )
+            z, losses = result["z"].detach(), result["step_losses"]
+            energies.append(result["energies"].detach())
+            if losses is not None:
+                objectives.append(losses.mean() if cfg.loss_on == "all" else losses[-1])
+        draft_loss = contrastive = None
+        objective = torch.stack(objectives).mean() if objectives else None
         if losses is not None:
-            objective = losses.mean() if cfg.loss_on == "all" else losses[-1]
             if draft is not None:
                 draft_loss = F.cross_entropy(draft.flatten(0, 1), targets.flatten(), ignore_index=-100)
                 objective = objective + cfg.draft_loss_weight * draft_loss
@@ -908,7 +1005,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             loss=objective,
             final_loss=None if losses is None else losses[-1].detach(),
             logits=result["z"],
-            energies=result["energies"].detach(),
+            energies=torch.cat(energies, dim=-1),
             step_losses=None if losses is None else losses.detach(),
             steps_taken=result["steps_taken"],
             draft_logits=None if draft is None else draft.detach(),
@@ -943,7 +1040,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         """Rows for a replay buffer: the final candidates become later starts of their own sequences
         (with a draft head, as the offset from the draft that ``training_loss`` expects)."""
         start = output.logits.detach() if output.draft_logits is None else output.logits.detach() - output.draft_logits
-        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "init_logits": start}
+        return {**{k: v for k, v in batch.items() if k != "init_logits"}, "init_logits": start}
 
     def training_metrics(self, outputs: list[EBTCausalLMOutput]) -> dict[str, float]:
         """Inner-loop health over a step's micro-batches: alpha, energy drop along the steps, loss per step."""
@@ -981,6 +1078,28 @@ def _position_normal(positions: torch.Tensor, samples: int, vocab: int, seed: in
     unique, inverse = torch.unique(positions, return_inverse=True)
     table = keyed_normal([(seed, salt, pos) for pos in unique.tolist()], (samples, vocab), positions.device)
     return table[inverse].permute(2, 0, 1, 3)  # (U, S, V)[(B, Lc)] -> (B, Lc, S, V) -> (S, B, Lc, V)
+
+
+def _with_terms(energy_fn, terms: Sequence[tuple[float, EnergyTerm]], input_ids: torch.Tensor, attention_mask, samples: int):
+    """``energy_fn`` plus the weighted extra ``terms`` (see ``think``), for ``samples`` starts per row."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.repeat(samples, 1)
+    for weight, term in terms:
+        if not callable(term) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"energy_terms takes (weight, callable) pairs; got ({weight!r}, {term!r}).")
+
+    def energy(probs: torch.Tensor, step: int = 0) -> torch.Tensor:
+        total = energy_fn(probs, step)  # (B, Lc)
+        for weight, term in terms:
+            extra = term(probs, input_ids, mask)
+            if extra.shape not in (total.shape, total.shape[:1]):
+                raise ValueError(
+                    f"an energy term returned shape {tuple(extra.shape)}; expected {tuple(total.shape)} (per position) "
+                    f"or {tuple(total.shape[:1])} (per problem)."
+                )
+            total = total + weight * (extra if extra.dim() == 2 else extra[:, None] / total.shape[1])
+        return total
+
+    return energy
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
