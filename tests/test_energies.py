@@ -1,0 +1,242 @@
+"""Tests for ebt.energies: zero at the truth, the exact value at wrong one-hot answers (recomputed
+here from the strings), gradients (gradcheck, twice), batch/padding invariance, and that a small
+gradient step from a perturbed truth lowers the energy and moves back towards the truth."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from ebt.energies import sorting_energy, sudoku_energy, task_energy
+from ebt.tasks import make_task, task_text
+from train.tokenizer import char_tokenizer
+
+F64_EPS = torch.finfo(torch.float64).eps
+SUDOKU_SIZE = {"sudoku": 4, "sudoku6": 6}
+TASKS = ("sorting", "sudoku", "sudoku6")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Characters of the three tasks, EOS = newline (as the reasoning configs train)."""
+    texts = []
+    for task in TASKS:
+        ds = make_task(task, "train", 200)
+        texts += [task_text(p, a) for p, a in zip(ds["prompt"], ds["answer"])]
+    return char_tokenizer(texts, eos_token="\n")
+
+
+def problems(task: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    ds = make_task(task, "test", n, seed=seed)
+    return list(ds["prompt"]), list(ds["answer"])
+
+
+def encode(tokenizer, prompts: list[str], extra_pad: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """EOS + prompt per row, left-padded with EOS (as evaluation feeds prompts); ``extra_pad`` adds
+    that many more padding columns in front of a row."""
+    eos = tokenizer.eos_token_id
+    rows = [[eos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    extra = extra_pad or [0] * len(rows)
+    width = max(len(r) + e for r, e in zip(rows, extra))
+    ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def one_hot(tokenizer, answers: list[str], m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(B, m, V): each answer's characters, then EOS up to m positions."""
+    eos, vocab = tokenizer.eos_token_id, len(tokenizer)
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    ids = torch.tensor([(r + [eos] * m)[:m] for r in ids])
+    return torch.nn.functional.one_hot(ids, vocab).to(dtype)
+
+
+def sudoku_units(size: int) -> list[list[int]]:
+    box_rows, box_cols = (2, 2) if size == 4 else (2, 3)
+    units = [[size * r + c for c in range(size)] for r in range(size)]
+    units += [[size * r + c for r in range(size)] for c in range(size)]
+    for r0 in range(0, size, box_rows):
+        for c0 in range(0, size, box_cols):
+            units.append([size * (r0 + a) + c0 + b for a in range(box_rows) for b in range(box_cols)])
+    return units
+
+
+def sudoku_energy_of(prompt: str, board: str, size: int) -> int:
+    """The energy of a one-hot board, from the strings: (count - 1)^2 per unit and digit, 1 per changed given."""
+    rules = sum((Counter(board[c] for c in unit)[str(d)] - 1) ** 2 for unit in sudoku_units(size) for d in range(1, size + 1))
+    return rules + sum(g != "." and g != a for g, a in zip(prompt[:-1], board))
+
+
+def sorting_energy_of(prompt: str, answer: str, m: int) -> int:
+    """The energy of a one-hot block holding ``answer`` then EOS, from the strings."""
+    k = len(prompt) - 1
+    shown, wanted = Counter(answer[:k]), Counter(prompt[:-1])
+    multiset = sum((shown[d] - wanted[d]) ** 2 for d in "0123456789")
+    descents = sum(a > b for a, b in zip(answer[: k - 1], answer[1:k]))
+    stops = k < m and len(answer) > k  # a character where EOS belongs
+    return multiset + descents + stops
+
+
+def block_length(task: str, answers: list[str]) -> int:
+    return max(map(len, answers)) + 2  # room for EOS after the longest answer, and one more
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_exactly_at_the_true_answer(tokenizer, task: str, dtype: torch.dtype) -> None:
+    # every residual is a sum of exact zeros and ones, so no rounding can occur
+    prompts, answers = problems(task, 30)
+    ids, mask = encode(tokenizer, prompts)
+    energy = task_energy(task, tokenizer)(one_hot(tokenizer, answers, block_length(task, answers), dtype), ids, mask)
+    assert energy.shape == (30,) and energy.dtype == dtype
+    assert torch.equal(energy, torch.zeros(30, dtype=dtype))
+
+
+@pytest.mark.parametrize("task", ["sudoku", "sudoku6"])
+def test_sudoku_wrong_boards_cost_what_they_break(tokenizer, task: str) -> None:
+    size = SUDOKU_SIZE[task]
+    prompts, answers = problems(task, 20)
+    rng = random.Random(0)
+    wrong = []
+    for prompt, answer in zip(prompts, answers):
+        rename = answer.translate(str.maketrans("123456"[:size], "234561"[: size - 1] + "1"))  # valid, givens changed
+        cells = list(answer)
+        r, c = rng.randrange(0, size, 2), rng.randrange(size)  # swap within a column and a box: two rows break
+        cells[size * r + c], cells[size * (r + 1) + c] = cells[size * (r + 1) + c], cells[size * r + c]
+        one_given = prompt.index(next(g for g in prompt if g.isdigit()))
+        changed = answer[:one_given] + str(int(answer[one_given]) % size + 1) + answer[one_given + 1 :]
+        wrong += [(prompt, rename), (prompt, "".join(cells)), (prompt, changed)]
+    ids, mask = encode(tokenizer, [p for p, _ in wrong])
+    energy = sudoku_energy(tokenizer, size)(one_hot(tokenizer, [w for _, w in wrong], size * size + 1), ids, mask)
+    expected = torch.tensor([sudoku_energy_of(p, w, size) for p, w in wrong], dtype=torch.float64)
+    assert torch.equal(energy, expected)  # small integers: exact
+    assert (expected[0::3] == torch.tensor([size * size - p.count(".") for p in prompts])).all()  # 1 per given
+    assert (expected[1::3] >= 4).all() and (expected[2::3] > 0).all()
+
+
+def test_sorting_wrong_answers_cost_what_they_break(tokenizer) -> None:
+    prompts, answers = problems("sorting", 40)
+    m = block_length("sorting", answers)
+    rng = random.Random(0)
+    wrong = []
+    for prompt, answer in zip(prompts, answers):
+        if len(set(answer)) > 1:
+            wrong.append((prompt, answer[::-1]))  # the right multiset in descending order
+            shuffled = list(answer)
+            while "".join(shuffled) == answer:
+                rng.shuffle(shuffled)
+            wrong.append((prompt, "".join(shuffled)))
+        i = rng.randrange(len(answer))
+        wrong.append((prompt, answer[:i] + str((int(answer[i]) + 1) % 10) + answer[i + 1 :]))  # wrong multiset
+        wrong.append((prompt, answer[1:]))  # a digit short
+        wrong.append((prompt, answer + answer[-1]))  # no EOS after the answer
+    ids, mask = encode(tokenizer, [p for p, _ in wrong])
+    energy = sorting_energy(tokenizer)(one_hot(tokenizer, [w for _, w in wrong], m), ids, mask)
+    expected = torch.tensor([sorting_energy_of(p, w, m) for p, w in wrong], dtype=torch.float64)
+    assert torch.equal(energy, expected)
+    assert (expected > 0).all()
+
+
+def random_probs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(shape, generator=g, dtype=torch.float64), -1)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_gradients_are_finite_and_pass_gradcheck_twice(tokenizer, task: str) -> None:
+    prompts, answers = problems(task, 2, seed=1)
+    ids, mask = encode(tokenizer, prompts)
+    term = task_energy(task, tokenizer)
+    m = block_length(task, answers)
+    probs = random_probs((2, m, len(tokenizer)), seed=0).float().requires_grad_()
+    (grad,) = torch.autograd.grad(term(probs, ids, mask).sum(), probs)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    probs = random_probs((2, m, len(tokenizer)), seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: term(p, ids, mask), (probs,))
+    assert torch.autograd.gradgradcheck(lambda p: term(p, ids, mask), (probs,))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_row_costs_the_same_in_a_padded_batch_as_alone(tokenizer, task: str) -> None:
+    prompts, answers = problems(task, 6, seed=2)
+    if task == "sorting":
+        prompts += ["7=", "9081726354=", "55=", "01234567890123456789="]  # lengths 1 to 20
+    extra = [3 * i for i in range(len(prompts))]  # sudoku prompts share a length: pad them differently
+    ids, mask = encode(tokenizer, prompts, extra)
+    m = 40  # holds the longest sorting answer (20) and a 6x6 board (36)
+    probs = random_probs((len(prompts), m, len(tokenizer)), seed=3)
+    batched = task_energy(task, tokenizer)(probs, ids, mask)
+    alone = torch.cat([task_energy(task, tokenizer)(probs[i : i + 1], *encode(tokenizer, [p])) for i, p in enumerate(prompts)])
+    # each energy is a sum of at most 3 * m * V non-negative products of probabilities; summation
+    # order may differ with the batch shape, which bounds the difference by that many roundings
+    terms = 3 * m * len(tokenizer)
+    torch.testing.assert_close(batched, alone, rtol=terms * F64_EPS, atol=0)
+
+
+def hessian_bound(task: str, k: int) -> float:
+    """Gershgorin bound on the largest |eigenvalue| of the (constant) Hessian of the energy.
+
+    Sudoku: p_c(d) sits in 3 units of ``size`` cells, each unit's squared sum adds 2 to ``size``
+    entries of its Hessian row, and a given adds 2 on the diagonal. Sorting: the count term adds 2
+    for each of the k answer positions; a descent pairs p_j(d) with p_{j+1}(d') for d' < d and
+    p_{j-1}(d'') for d'' > d, 9 entries of 1 in all; EOS at position k adds 2 alone."""
+    if task == "sorting":
+        return 2.0 * k + 9.0
+    return 2.0 * 3 * SUDOKU_SIZE[task] + 2.0
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_gradient_step_from_a_perturbed_truth_goes_back(tokenizer, task: str) -> None:
+    """Truth x*, start q = 0.8 x* + 0.2 uniform, one projected gradient step on the simplex.
+
+    The energy is quadratic, so along d = P grad (P removes the mean over the vocabulary: a step
+    keeps every distribution summing to 1) E(q - eta d) <= E(q) - eta |d|^2 + eta^2 L |d|^2 / 2,
+    lower for any 0 < eta < 2/L with L the Hessian bound. Sudoku's energy is convex with zero
+    gradient at x*, so grad = H (q - x*) and the distance to x* falls for the same steps. Sorting's
+    descent term is bilinear, not convex, so there the distance is not guaranteed but checked: its
+    gradient at x* already points along q - x* (the descent probability grows linearly away from
+    the sorted answer), a first-order effect in the 0.2 perturbation against a second-order one."""
+    prompts, answers = problems(task, 10, seed=4)
+    ids, mask = encode(tokenizer, prompts)
+    term = task_energy(task, tokenizer)
+    m = block_length(task, answers)
+    truth = one_hot(tokenizer, answers, m)
+    q = (0.8 * truth + 0.2 / len(tokenizer)).requires_grad_()
+    energy = term(q, ids, mask)
+    (grad,) = torch.autograd.grad(energy.sum(), q)  # rows are independent: row i's gradient is its own
+    d = grad - grad.mean(-1, keepdim=True)
+    for i, answer in enumerate(answers):
+        eta = 1.0 / hessian_bound(task, len(answer))
+        # inside the simplex too: at most half the step that would empty a probability
+        leaving = d[i] > 0
+        eta = min(eta, 0.5 * float((q[i].detach()[leaving] / d[i][leaving]).min()))
+        stepped = (q[i] - eta * d[i]).detach()
+        assert (stepped >= 0).all()
+        torch.testing.assert_close(stepped.sum(-1), torch.ones(m, dtype=torch.float64), rtol=0, atol=m * F64_EPS)
+        after = term(stepped[None], ids[i : i + 1], mask[i : i + 1])
+        assert 0 < after < energy[i], (answer, float(after), float(energy[i]))
+        assert (stepped - truth[i]).norm() < (q[i].detach() - truth[i]).norm()
+
+
+def test_errors_say_what_is_wrong(tokenizer) -> None:
+    digits_only = char_tokenizer(["1234=\n"], eos_token="\n")
+    with pytest.raises(ValueError, match=r"has none for '56'"):
+        sudoku_energy(digits_only, size=6)
+    with pytest.raises(ValueError, match=r"size 4 .* or 6"):
+        sudoku_energy(tokenizer, size=9)
+    with pytest.raises(ValueError, match=r"task 'addition' has no built-in energy.*sorting, sudoku, sudoku6"):
+        task_energy("addition", tokenizer)
+    with pytest.raises(ValueError, match=r"not a task of ebt\.tasks"):
+        task_energy("sudoku9", tokenizer)
+    term = sorting_energy(tokenizer)
+    ids, mask = encode(tokenizer, ["5203="])
+    with pytest.raises(ValueError, match=r"end with '='"):
+        term(random_probs((1, 6, len(tokenizer)), 0), ids[:, :-1], mask[:, :-1])
+    with pytest.raises(ValueError, match=r"1 to 3 digits"):
+        term(random_probs((1, 3, len(tokenizer)), 0), ids, mask)
+    ids, mask = encode(tokenizer, ["1.2...3.3.4..41="])  # 15 cells
+    with pytest.raises(ValueError, match=r"16 cells"):
+        sudoku_energy(tokenizer, 4)(random_probs((1, 17, len(tokenizer)), 0), ids, mask)
