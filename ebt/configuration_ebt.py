@@ -53,7 +53,8 @@ class ThinkingConfig:
     """
 
     steps: int | None = _setting(
-        "inner optimisation steps per position (0 = the starting candidate); default: the trained count"
+        "inner optimisation steps per position (0 = the starting candidate); default: the trained count "
+        "(EBTConfig.trained_steps)"
     )
     step_size: float | None = _setting("step size alpha (> 0); default: the model's learned/fixed alpha")
     step_size_schedule: str | None = _setting(
@@ -154,7 +155,7 @@ class ThinkingConfig:
         """
         resolved = ThinkingConfig.from_model_config(config).merged(self)
         if resolved.steps is None:
-            resolved.steps = config.max_train_steps
+            resolved.steps = config.trained_steps
         return resolved
 
     @classmethod
@@ -367,6 +368,12 @@ class EBTConfig(PreTrainedConfig):
     def max_train_steps(self) -> int:
         """The largest step count training uses (also the number of step embeddings)."""
         return self.train_steps_max if self.train_steps_max is not None else self.train_steps
+
+    @property
+    def trained_steps(self) -> int:
+        """The longest descent a training trajectory makes: the largest step count times the
+        segments (deep supervision continues one trajectory), thinking's default ``steps``."""
+        return self.max_train_steps * self.train_segments
 
     @property
     def head_dim(self) -> int:

@@ -47,6 +47,26 @@ RECIPES: dict[str, dict[str, Any]] = {
         loss_on="last",
         step_embeddings=False,
     ),
+    # Attractor (joint mode, reasoning): answers as attractors of the descent, so that thinking past
+    # the trained count keeps (or reaches) them. Mirror steps z <- z - alpha dE/dp with alpha 5 drawn
+    # in [2.5, 10], random 1-3 steps with small path noise, only the last step second order, and
+    # deep supervision: 3 segments per batch, each continuing the previous one's detached result
+    # and scored; one landscape (no step embeddings), so any step count meets the same energy.
+    "attractor": dict(
+        update_rule="mirror",
+        step_size=5.0,
+        step_size_learnable=False,
+        step_size_lr_multiplier=1500.0,
+        step_size_random_scale=2.0,
+        train_steps=1,
+        train_steps_max=3,
+        langevin_noise=1.0,
+        detach_between_steps=False,
+        second_order="last",
+        loss_on="last",
+        step_embeddings=False,
+        train_segments=3,
+    ),
 }
 
 

@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
         "args": vars(args),
         "model": args.model,
         "twin_model": args.twin,
-        "trained_steps": model.config.max_train_steps,
+        "trained_steps": model.config.trained_steps,
         "think": fixed,  # the settings every row shares; unset ones are the checkpoint's (config.inference_*)
         "checkpoint_thinking": model.config.thinking_config.to_dict(),
         "datasets": sources,

@@ -277,3 +277,30 @@ def test_a_row_without_room_for_the_block_fails_clearly(tiny_config):
     model = _joint(tiny_config).eval()
     with pytest.raises(ValueError, match="answer block"):
         model(_prompts(20, 1, M))
+
+
+def test_trained_count_covers_every_segment():
+    """Deep supervision continues one trajectory, so thinking's default is steps x segments."""
+    cfg = EBTConfig(vocab_size=11, max_position_embeddings=32, train_steps=1, train_steps_max=3, train_segments=3)
+    assert cfg.trained_steps == 9 and cfg.thinking_config.steps == 9
+
+
+@pytest.mark.parametrize("task", ["sudoku", "sudoku6", "sorting"])
+def test_joint_reasoning_configs_train_on_the_rows_of_their_twins(task):
+    """configs/reasoning/<task>-joint.yaml differs from its autoregressive EBT and Transformer++
+    twins only in the model (kind, recipe, EBT fields) and run folder: same rows, same tokens."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from train.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "reasoning"
+    configs = {kind: asdict(load_config(root / f"{task}-{kind}.yaml")) for kind in ("joint", "ebt", "llama")}
+    assert configs["joint"]["model"]["ebt"]["joint_block_size"] == configs["joint"]["data"]["answer_block"]
+    for cfg in configs.values():
+        for key in ("kind", "recipe", "ebt"):
+            cfg["model"].pop(key)
+        cfg.pop("output_dir")
+        cfg["eval"].pop("think_steps")
+    assert configs["joint"] == configs["ebt"] == configs["llama"]
+    assert configs["joint"]["data"]["answer_block"] and configs["joint"]["data"]["tasks"] == [task]
