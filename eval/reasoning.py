@@ -6,15 +6,28 @@ truth from the prompt, so the scorer shares no code with the generators). A Tran
 given with ``--twin``, is scored the same way once per split: it has no thinking knobs.
 
 How a prompt is fed (why it matches training): the trainer packs ``prompt + answer + EOS``
-examples back to back, so every training prompt follows an EOS token. Here each prompt is
-likewise preceded by one EOS, left-padded into batches, and generation runs greedily until EOS.
-An answer counts only if the model ends it with EOS within the budget (longest reference answer
-+ 1 tokens), so the budget can never turn a longer wrong answer into a right one.
+examples back to back (or, with ``data.answer_block``, puts one ``EOS + prompt`` per row before
+its answer block), so every training prompt follows an EOS token. Here each prompt is likewise
+preceded by one EOS, left-padded into batches, and generation runs greedily until EOS: token by
+token for an autoregressive EBT or the twin; for a joint-mode EBT (``joint_block_size`` m > 0)
+block by block, each block of m tokens thought about together and emitted at once. An answer
+counts only if the model ends it with EOS within the budget (longest reference answer + 1
+tokens), so the budget can never turn a longer wrong answer into a right one; a budget longer
+than a block simply takes more blocks.
+
+Besides accuracy every EBT row reports the inner steps spent: per problem, the mean of
+``generate``'s ``steps_taken`` over its answer's tokens (see ``Generated``), averaged overall
+(``mean_steps``) and per difficulty. It equals ``steps`` unless ``--tolerance`` stops a problem
+early or ``--accept-decrease`` undoes a step: with ``--tolerance X --halting residual`` (or
+``energy``) a problem stops once a step barely changes it, and the per-difficulty means show
+whether easy problems stop earlier than hard ones.
 
 ``--model``/``--twin`` may contain ``{task}``, so one command evaluates one model per task:
 
     python -m eval reasoning --task addition,dyck --model 'runs/reasoning/{task}-ebt/final' \\
         --twin 'runs/reasoning/{task}-llama/final' --output results.json
+    python -m eval reasoning --task sudoku --model runs/reasoning/sudoku-joint/final \\
+        --steps 4,16 --samples 1 --tolerance 1e-3 --halting residual
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 from typing import NamedTuple
 
 import torch
@@ -44,10 +58,21 @@ from eval.common import (
 
 
 class Generated(NamedTuple):
-    """One greedy answer: the text before EOS, and whether EOS came within the budget."""
+    """One greedy answer: the text before EOS, whether EOS came within the budget, and the inner
+    steps spent on it (EBT only, else None).
+
+    ``steps`` is the mean of ``generate``'s ``steps_taken`` over the answer's generated tokens up
+    to and including its EOS (all budget tokens if it never ended), so padding after EOS, where
+    generate spends nothing, cannot dilute it. For an autoregressive EBT each token counts its own
+    inner loop; in the joint mode every token of a block carries its problem's count for that
+    block, so a one-block answer gets exactly that count and a longer one the token-weighted mean
+    over its blocks. With several samples it is the chosen start's count; steps undone by
+    ``accept_decrease`` are not counted.
+    """
 
     text: str
     finished: bool
+    steps: float | None = None
 
 
 def load(path: str, flag: str = "--model") -> Checkpoint:
@@ -81,17 +106,20 @@ def greedy_answers(
 ) -> list[Generated]:
     """Greedy answers to ``prompts``, batched with left padding (prompts of similar length together).
 
-    ``thinking`` goes to the EBT's ``generate``; it must be None for a model without thinking.
+    ``thinking`` goes to the EBT's ``generate``; it must be None for a model without thinking. An
+    EBT is asked for ``return_dict_in_generate`` to read the steps it spent (``Generated.steps``).
     The length limit is passed as ``max_length`` (prompt width + ``max_new_tokens``), the
     quantity a checkpoint's generation config also sets: passing ``max_new_tokens`` next to it
     would make ``transformers`` warn on every call that both are set.
     """
     model, tok = checkpoint.model, checkpoint.tokenizer
-    think = {}
-    if thinking is not None:
-        if not checkpoint.can_think:
-            raise UsageError(f"{checkpoint.path} is not an EBT: thinking settings do not apply to it")
-        think = {"thinking": thinking}
+    think: dict = {}
+    if checkpoint.can_think:
+        think = {"return_dict_in_generate": True}
+        if thinking is not None:
+            think["thinking"] = thinking
+    elif thinking is not None:
+        raise UsageError(f"{checkpoint.path} is not an EBT: thinking settings do not apply to it")
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     encoded = encode_prompts(tok, prompts)
@@ -112,9 +140,13 @@ def greedy_answers(
                 pad_token_id=pad,
                 **think,
             )
-        for i, new in zip(rows, out[:, width:].tolist()):
+        sequences = out.sequences if checkpoint.can_think else out
+        taken = out.steps_taken.tolist() if checkpoint.can_think else [None] * len(rows)
+        for i, new, spent in zip(rows, sequences[:, width:].tolist(), taken):
             finished = eos in new
-            answers[i] = Generated(tok.decode(new[: new.index(eos)] if finished else new), finished)
+            length = new.index(eos) + 1 if finished else len(new)  # the answer's tokens, EOS included
+            steps = sum(spent[:length]) / length if spent is not None else None
+            answers[i] = Generated(tok.decode(new[: length - 1] if finished else new), finished, steps)
     return answers  # type: ignore[return-value]
 
 
@@ -145,9 +177,11 @@ def evaluate(
         t0 = time.perf_counter()
         answers = greedy_answers(checkpoint, prompts, max_new_tokens=budget, batch_size=batch_size, thinking=thinking)
         correct = score(task, prompts, answers)
-        by_level: dict[int, list[bool]] = {}
-        for level, ok in zip(data["difficulty"], correct):
-            by_level.setdefault(level, []).append(ok)
+        by_level: dict[int, list[int]] = {}
+        for i, level in enumerate(data["difficulty"]):
+            by_level.setdefault(level, []).append(i)
+        levels = sorted(by_level.items())
+        spent = [a.steps for a in answers] if checkpoint.can_think else None
         rows.append(
             {
                 "task": task,
@@ -161,25 +195,37 @@ def evaluate(
                 "accuracy": sum(correct) / len(correct),
                 "correct": sum(correct),
                 "total": len(correct),
-                "accuracy_by_difficulty": {str(k): sum(v) / len(v) for k, v in sorted(by_level.items())},
+                "accuracy_by_difficulty": {str(k): fmean(correct[i] for i in v) for k, v in levels},
+                # inner steps spent per problem (Generated.steps), their mean, and the mean per difficulty
+                "mean_steps": fmean(spent) if spent else None,
+                "mean_steps_by_difficulty": {str(k): fmean(spent[i] for i in v) for k, v in levels} if spent else None,
+                "steps_spent": spent,
                 "seconds": round(time.perf_counter() - t0, 2),
                 "outputs": [a.text for a in answers],
                 "no_eos": [i for i, a in enumerate(answers) if not a.finished],  # these count as wrong
             }
         )
         tag = f"steps={steps} samples={samples}" if thinking is not None else "one pass"
-        print(f"{task} {split} {checkpoint.label} {tag}: {rows[-1]['accuracy']:.1%}", file=sys.stderr)
+        spent_text = "" if spent is None else f", mean steps {rows[-1]['mean_steps']:.2f}"
+        print(f"{task} {split} {checkpoint.label} {tag}: {rows[-1]['accuracy']:.1%}{spent_text}", file=sys.stderr)
     return rows
 
 
 def results_table(results: list[dict]) -> str:
-    """Accuracy (%) per split as columns; one row per task, model and thinking setting."""
+    """Accuracy (%) per split as columns, then the mean inner steps per split (when a row has
+    them: EBT rows); one row per task, model and thinking setting."""
     splits = list(dict.fromkeys(r["split"] for r in results))
-    cells: dict[tuple, dict[str, float]] = {}
+    show_steps = any(r.get("mean_steps") is not None for r in results)
+    cells: dict[tuple, dict[str, dict]] = {}
     for r in results:
-        cells.setdefault((r["task"], r["model"], r["steps"], r["samples"], r["energy_passes"]), {})[r["split"]] = r["accuracy"]
-    header = ["task", "model", "steps", "samples", "energy passes / token"] + [f"{s} acc. (%)" for s in splits]
-    rows = [[*keys, *(f"{100 * acc[s]:.1f}" if s in acc else "" for s in splits)] for keys, acc in cells.items()]
+        cells.setdefault((r["task"], r["model"], r["steps"], r["samples"], r["energy_passes"]), {})[r["split"]] = r
+    header = ["task", "model", "steps", "samples", "energy passes / token"]
+    header += [f"{s} acc. (%)" for s in splits] + ([f"{s} mean steps" for s in splits] if show_steps else [])
+    rows = []
+    for keys, by_split in cells.items():
+        accuracy = [f"{100 * by_split[s]['accuracy']:.1f}" if s in by_split else "" for s in splits]
+        spent = [by_split[s].get("mean_steps") if s in by_split else "" for s in splits] if show_steps else []
+        rows.append([*keys, *accuracy, *(f"{x:.2f}" if isinstance(x, float) else x for x in spent)])
     return markdown_table(header, rows, right=range(2, len(header)))
 
 
@@ -200,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed of the evaluation problems (default 0); thinking's is --think-seed"
     )
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per generate() call (default 128)")
-    parser.add_argument("--output", help="write every result row (with all answers) to this JSON file")
+    parser.add_argument("--output", help="write every result row (with all answers and steps spent) to this JSON file")
     add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 4, 8], "samples": [1, 2, 4]})
 
 
@@ -211,7 +257,8 @@ def main(args: argparse.Namespace) -> int:
     if args.num_examples < 1 or args.batch_size < 1:
         raise UsageError("--num-examples and --batch-size must be >= 1")
     settings = thinking_settings(args)
-    results: list[dict] = []
+    # Load and check everything first, so a setting that cannot run fails before hours of evaluation.
+    plan = []
     for task in args.task:
         checkpoints = [load(args.model.replace("{task}", task))]
         if args.twin:
@@ -219,15 +266,23 @@ def main(args: argparse.Namespace) -> int:
             if twin.label == checkpoints[0].label:
                 twin.label += " (--twin)"
             checkpoints.append(twin)
-        for split in args.split:
-            data = make_task(task, split, args.num_examples, seed=args.seed).to_dict()
-            for checkpoint in checkpoints:
+        splits = {split: make_task(task, split, args.num_examples, seed=args.seed).to_dict() for split in args.split}
+        plan.append((task, splits, checkpoints))
+    results: list[dict] = []
+    for task, splits, models in plan:
+        for split, data in splits.items():
+            for checkpoint in models:
                 results += evaluate(checkpoint, task, split, data, settings, args.batch_size)
     table = results_table(results)
     print(table)
     if args.output:
         fixed = {k: v for k, v in given_settings(settings[0]).items() if k not in SWEEP}
-        meta = {"num_examples": args.num_examples, "seed": args.seed, "thinking": fixed, "command": " ".join(sys.argv)}
+        meta = {
+            "num_examples": args.num_examples,
+            "seed": args.seed,
+            "thinking": fixed,
+            "command": " ".join(sys.argv),
+        }
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({**meta, "table": table, "results": results}, indent=1))
     return 0

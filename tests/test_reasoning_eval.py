@@ -33,34 +33,45 @@ class ScriptedModel:
     """A stand-in model: ``generate`` continues each prompt with the text ``script(prompt, thinking)``.
 
     It checks what the evaluator must send (EOS before the prompt, left padding, greedy, the
-    length limit as ``max_length`` only) and records the thinking config it was given.
+    length limit as ``max_length`` only, and for an "ebt" a request for the steps spent) and
+    records the thinking config it was given. As an "ebt" it reports
+    ``spent(prompt, j)`` inner steps on its j-th new token up to and including the first EOS
+    (all tokens without one) and 0 after it, as ``EBTGenerationMixin.generate`` does.
     """
 
-    def __init__(self, tokenizer, script, model_type: str = "llama"):
+    def __init__(self, tokenizer, script, model_type: str = "llama", spent=None):
         self.tokenizer, self.script = tokenizer, script
+        self.spent = spent or (lambda prompt, j: 1)
         self.config = SimpleNamespace(model_type=model_type)
-        self.think_calls: list[dict] = []
+        self.think_calls: list[ThinkingConfig | None] = []
 
     def generate(self, input_ids, attention_mask, max_length, do_sample, eos_token_id, pad_token_id, **think):
-        assert do_sample is False and set(think) <= {"thinking"}
+        ebt = self.config.model_type == "ebt"
+        assert do_sample is False
+        if ebt:
+            assert think.pop("return_dict_in_generate") is True, "the evaluator reads the steps spent from the dict"
+        assert set(think) <= ({"thinking"} if ebt else set())
         max_new_tokens = max_length - input_ids.shape[1]
         thinking = think.get("thinking")
         self.think_calls.append(thinking)
-        rows = []
+        rows, spent = [], []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             assert mask == sorted(mask), "padding must be on the left"
             real = ids[len(ids) - sum(mask) :]
             assert real[0] == eos_token_id, "every prompt follows an EOS, as in the packed training stream"
-            text = self.script(self.tokenizer.decode(real[1:]), thinking)
-            new = self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
+            prompt = self.tokenizer.decode(real[1:])
+            new = self.tokenizer(self.script(prompt, thinking), add_special_tokens=False)["input_ids"][:max_new_tokens]
+            end = new.index(eos_token_id) if eos_token_id in new else max_new_tokens
             rows.append(ids + new + [pad_token_id] * (max_new_tokens - len(new)))
-        return torch.tensor(rows)
+            spent.append([self.spent(prompt, j) if j <= end else 0 for j in range(max_new_tokens)])
+        if not ebt:
+            return torch.tensor(rows)
+        return SimpleNamespace(sequences=torch.tensor(rows), steps_taken=torch.tensor(spent))
 
 
-def scripted(tokenizer, script, model_type: str = "llama") -> Checkpoint:
-    return Checkpoint(
-        label=model_type, path="scripted", model=ScriptedModel(tokenizer, script, model_type), tokenizer=tokenizer
-    )
+def scripted(tokenizer, script, model_type: str = "llama", spent=None) -> Checkpoint:
+    model = ScriptedModel(tokenizer, script, model_type, spent)
+    return Checkpoint(label=model_type, path="scripted", model=model, tokenizer=tokenizer)
 
 
 def true_answer(task: str, prompt: str) -> str:
@@ -140,9 +151,38 @@ def test_a_model_that_cannot_think_gets_one_row_and_no_thinking_arguments(tokeni
         checkpoint, "addition", "test", data, [ThinkingConfig(steps=1), ThinkingConfig(steps=8, samples=4)], batch_size=4
     )
     assert len(rows) == 1 and rows[0]["steps"] is None and rows[0]["accuracy"] == 1.0
+    assert rows[0]["mean_steps"] is None and rows[0]["steps_spent"] is None
     assert all(call is None for call in checkpoint.model.think_calls)
     with pytest.raises(ValueError, match="not an EBT"):
         R.greedy_answers(checkpoint, data["prompt"], max_new_tokens=4, batch_size=4, thinking=ThinkingConfig(steps=2))
+
+
+def test_steps_spent_are_the_mean_over_the_answer_up_to_and_including_its_eos(tokenizer) -> None:
+    """The scripted EBT spends j + 1 steps on new token j: an answer of n characters and its EOS
+    has mean (n + 2) / 2; one that never ends is averaged over the whole budget, (budget + 1) / 2.
+    Counting the zeros after EOS, or leaving the EOS out, would give other numbers."""
+    data = make_task("addition", "test", 30, seed=5).to_dict()
+    unfinished = set(data["prompt"][::4])
+
+    def script(prompt: str, thinking) -> str:
+        truth = true_answer("addition", prompt)
+        return truth + "9" * 20 if prompt in unfinished else truth + "\n"
+
+    checkpoint = scripted(tokenizer, script, model_type="ebt", spent=lambda prompt, j: j + 1)
+    rows = R.evaluate(checkpoint, "addition", "test", data, [ThinkingConfig(steps=8)], batch_size=7)
+    budget = R.answer_budget(tokenizer, data["answer"])
+    expected = [(budget + 1) / 2 if p in unfinished else (len(true_answer("addition", p)) + 2) / 2 for p in data["prompt"]]
+    (row,) = rows
+    assert row["steps_spent"] == expected
+    assert row["mean_steps"] == pytest.approx(sum(expected) / len(expected))
+    levels = sorted(set(data["difficulty"]))
+    assert len(levels) > 1
+    assert row["mean_steps_by_difficulty"] == pytest.approx(
+        {
+            str(level): sum(x for x, d in zip(expected, data["difficulty"]) if d == level) / data["difficulty"].count(level)
+            for level in levels
+        }
+    )
 
 
 def test_unseen_characters_are_refused() -> None:
@@ -237,6 +277,11 @@ def test_command_writes_table_and_results(folders, tmp_path, capfd) -> None:
         ]
         assert r["correct"] == sum(rescored) and r["accuracy"] == sum(rescored) / 6
     assert table.count("| addition | EBT |") == 4 and table.count("| addition | Transformer++ |") == 1
+    # no tolerance: every problem spends exactly the asked steps on each token; the twin spends none
+    for r in rows:
+        expected = [r["steps"]] * 6 if r["model"] == "EBT" else None
+        assert r["steps_spent"] == expected and r["mean_steps"] == (r["steps"] if expected else None)
+    assert "| test mean steps | harder mean steps |" in table
 
 
 @pytest.mark.parametrize(
@@ -272,3 +317,79 @@ def test_reasoning_configs_train_ebt_and_twin_alike(task: str) -> None:
     assert ebt_cfg == twin_cfg  # same sizes, tokenizer, data, schedule, hence the same tokens
     assert ebt_cfg["data"]["source"] == "tasks" and ebt_cfg["data"]["tasks"] == [task]
     assert ebt_cfg["train"]["replay_buffer_size"] == 0  # replayed rows would give the EBT extra rows
+
+
+# ------------------------------------------------------------------ joint-mode EBT
+
+
+@pytest.fixture(scope="module")
+def sudoku_tokenizer():
+    """Characters of Sudoku and addition, EOS = newline."""
+    rows = [make_task(t, "train", 300) for t in ("sudoku", "addition")]
+    return char_tokenizer([p + a for ds in rows for p, a in zip(ds["prompt"], ds["answer"])], eos_token="\n")
+
+
+@pytest.fixture(scope="module")
+def joint_folders(sudoku_tokenizer, tmp_path_factory):
+    """Random joint-mode EBTs saved as the trainer saves them: blocks of 5 (a Sudoku answer and its
+    EOS, 17 tokens, take four blocks) and of 17 (one block), with the Llama twin of the latter.
+    Mirror steps as in configs/reasoning/sudoku-joint.yaml."""
+    root = tmp_path_factory.mktemp("joint")
+    tok = sudoku_tokenizer
+    for block in (5, 17):
+        torch.manual_seed(0)
+        config = tiny_ebt_config(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=32, max_position_embeddings=64, initializer_range=0.5,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, joint_block_size=block, update_rule="mirror",
+        )  # fmt: skip
+        model = EBTForCausalLM(config)
+        model.generation_config.max_length = config.max_position_embeddings
+        save_checkpoint(root / f"joint{block}", model, tok)
+    twin = LlamaForCausalLM(llama_twin_config(config))
+    twin.generation_config.max_length = config.max_position_embeddings
+    save_checkpoint(root / "llama", twin, tok)
+    return root
+
+
+def run_json(argv: list[str], out: Path) -> dict:
+    assert eval_main(["reasoning", *argv, "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_a_joint_checkpoint_answers_as_its_own_greedy_generate(joint_folders, tmp_path) -> None:
+    """Block after block (the budget is four blocks), cut at EOS, the steps asked on every token."""
+    folder = str(joint_folders / "joint5")
+    argv = ["--model", folder, "--task", "sudoku", "--split", "test,harder", "--steps", "3", "--samples", "1"]
+    saved = run_json([*argv, "--num-examples", "8"], tmp_path / "joint.json")
+    checkpoint = R.load(folder)
+    tok = checkpoint.tokenizer
+    lengths = []
+    for row in saved["results"]:
+        data = make_task("sudoku", row["split"], 8, seed=0).to_dict()
+        budget = R.answer_budget(tok, data["answer"])
+        assert budget > checkpoint.model.config.joint_block_size
+        # every Sudoku prompt has the same length: one unpadded batch, as the evaluator sends it
+        ids = torch.tensor(R.encode_prompts(tok, data["prompt"]))
+        with torch.no_grad():
+            new = checkpoint.model.generate(ids, max_new_tokens=budget, thinking=ThinkingConfig(steps=3, samples=1))
+        new = new[:, ids.shape[1] :].tolist()
+        eos = tok.eos_token_id
+        assert row["outputs"] == [tok.decode(n[: n.index(eos)] if eos in n else n) for n in new]
+        assert row["no_eos"] == [i for i, n in enumerate(new) if eos not in n]
+        assert row["steps_spent"] == [3.0] * 8 and row["mean_steps"] == 3.0
+        assert set(row["mean_steps_by_difficulty"].values()) == {3.0}
+        lengths += [n.index(eos) if eos in n else budget for n in new]
+    assert max(lengths) > 5  # some answer took more than one block
+    assert min(lengths) < budget  # and some was cut at its EOS
+
+
+def test_a_tolerance_stops_problems_early(joint_folders) -> None:
+    """Residual halting: a problem stops once a step moves no probability by the tolerance or
+    more, so with an unreachable tolerance every problem stops after its first step, and with a
+    moderate one each spends between 1 and the steps asked."""
+    checkpoint = R.load(str(joint_folders / "joint17"))
+    data = make_task("sudoku", "harder", 10, seed=0).to_dict()
+    settings = [ThinkingConfig(steps=8, samples=1, halting="residual", tolerance=t) for t in (1e9, 0.05)]
+    never, moderate = R.evaluate(checkpoint, "sudoku", "harder", data, settings, batch_size=10)
+    assert never["steps_spent"] == [1.0] * 10 and never["mean_steps"] == 1.0
+    assert all(1 <= s <= 8 for s in moderate["steps_spent"]) and moderate["mean_steps"] <= 8
