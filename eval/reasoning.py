@@ -1,9 +1,10 @@
 """``python -m eval reasoning``: exact-match accuracy on the reasoning tasks against thinking.
 
-For every task, split and thinking setting (inner steps x random starts) the EBT answers every
-prompt greedily and the answer is checked by ``ebt.tasks.check_answer`` (which re-derives the
-truth from the prompt, so the scorer shares no code with the generators). A Transformer++ twin,
-given with ``--twin``, is scored the same way once per split: it has no thinking knobs.
+For every task, split and thinking setting (inner steps x random starts x constraint weight) the
+EBT answers every prompt greedily and the answer is checked by ``ebt.tasks.check_answer`` (which
+re-derives the truth from the prompt, so the scorer shares no code with the generators). A
+Transformer++ twin, given with ``--twin``, is scored the same way once per split: it has no
+thinking knobs.
 
 How a prompt is fed (why it matches training): the trainer packs ``prompt + answer + EOS``
 examples back to back (or, with ``data.answer_block``, puts one ``EOS + prompt`` per row before
@@ -14,6 +15,12 @@ block by block, each block of m tokens thought about together and emitted at onc
 counts only if the model ends it with EOS within the budget (longest reference answer + 1
 tokens), so the budget can never turn a longer wrong answer into a right one; a budget longer
 than a block simply takes more blocks.
+
+``--constraint-weight`` (a swept list, default 0) adds the task's hand-written constraint energy
+(``ebt.energies.task_energy``: the rules of Sudoku, a sorted permutation) with that weight to the
+model's energy in every inner step, a product of experts. The energy scores a whole answer read
+from the first position of a block, so a weight > 0 needs a joint-mode EBT whose block holds the
+longest answer and its EOS, on a task that has such an energy; the twin ignores it.
 
 Besides accuracy every EBT row reports the inner steps spent: per problem, the mean of
 ``generate``'s ``steps_taken`` over its answer's tokens (see ``Generated``), averaged overall
@@ -27,15 +34,17 @@ whether easy problems stop earlier than hard ones.
     python -m eval reasoning --task addition,dyck --model 'runs/reasoning/{task}-ebt/final' \\
         --twin 'runs/reasoning/{task}-llama/final' --output results.json
     python -m eval reasoning --task sudoku --model runs/reasoning/sudoku-joint/final \\
-        --steps 4,16 --samples 1 --tolerance 1e-3 --halting residual
+        --steps 4,16 --samples 1 --constraint-weight 0,1,10 --tolerance 1e-3 --halting residual
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean
 from typing import NamedTuple
@@ -44,6 +53,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ebt.configuration_ebt import ThinkingConfig
+from ebt.energies import EnergyTerm, task_energy
 from ebt.tasks import SPLITS, TASK_NAMES, check_answer, make_task
 from eval.common import (
     Checkpoint,
@@ -103,14 +113,15 @@ def greedy_answers(
     max_new_tokens: int,
     batch_size: int,
     thinking: ThinkingConfig | None = None,
+    energy_terms: Sequence[tuple[float, EnergyTerm]] = (),
 ) -> list[Generated]:
     """Greedy answers to ``prompts``, batched with left padding (prompts of similar length together).
 
-    ``thinking`` goes to the EBT's ``generate``; it must be None for a model without thinking. An
-    EBT is asked for ``return_dict_in_generate`` to read the steps it spent (``Generated.steps``).
-    The length limit is passed as ``max_length`` (prompt width + ``max_new_tokens``), the
-    quantity a checkpoint's generation config also sets: passing ``max_new_tokens`` next to it
-    would make ``transformers`` warn on every call that both are set.
+    ``thinking`` and ``energy_terms`` go to the EBT's ``generate``; they must be unset for a model
+    without thinking. An EBT is asked for ``return_dict_in_generate`` to read the steps it spent
+    (``Generated.steps``). The length limit is passed as ``max_length`` (prompt width +
+    ``max_new_tokens``), the quantity a checkpoint's generation config also sets: passing
+    ``max_new_tokens`` next to it would make ``transformers`` warn on every call that both are set.
     """
     model, tok = checkpoint.model, checkpoint.tokenizer
     think: dict = {}
@@ -118,8 +129,10 @@ def greedy_answers(
         think = {"return_dict_in_generate": True}
         if thinking is not None:
             think["thinking"] = thinking
-    elif thinking is not None:
-        raise UsageError(f"{checkpoint.path} is not an EBT: thinking settings do not apply to it")
+        if energy_terms:
+            think["energy_terms"] = list(energy_terms)
+    elif thinking is not None or energy_terms:
+        raise UsageError(f"{checkpoint.path} is not an EBT: thinking settings and energy terms do not apply to it")
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     encoded = encode_prompts(tok, prompts)
@@ -160,6 +173,43 @@ def answer_budget(tokenizer: PreTrainedTokenizerBase, references: list[str]) -> 
     return max(len(ids) for ids in tokenizer(references, add_special_tokens=False)["input_ids"]) + 1
 
 
+def constraint_term(
+    checkpoint: Checkpoint, task: str, weights: Sequence[float], splits: dict[str, dict[str, list]]
+) -> EnergyTerm | None:
+    """The task's constraint energy for ``checkpoint`` if any of ``weights`` is > 0, else None.
+
+    Refuses (``UsageError``) what the energy cannot score, before any evaluation runs: an
+    autoregressive EBT (its inner loop sees one token, the energy a whole answer), a task without
+    a built-in energy, and a joint block shorter than an answer of ``splits`` plus its EOS (the
+    energy reads the answer from a block's first position, so a second block would be misread).
+    A model that cannot think gets None: it is evaluated once, without the energy.
+    """
+    if not checkpoint.can_think or not any(w > 0 for w in weights):
+        return None
+    flag = f"--constraint-weight {','.join(f'{w:g}' for w in weights)}"
+    block = checkpoint.model.config.joint_block_size
+    if not block:
+        raise UsageError(
+            f"{flag}: {checkpoint.path} is an autoregressive EBT (joint_block_size=0), but the constraint energy scores a "
+            "whole answer block at once: it needs an EBT in the joint continuation mode (e.g. "
+            "configs/reasoning/sudoku-joint.yaml); evaluate this checkpoint with --constraint-weight 0"
+        )
+    try:
+        term = task_energy(task, checkpoint.tokenizer)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
+    for split, data in splits.items():
+        budget = answer_budget(checkpoint.tokenizer, data["answer"])
+        if budget > block:
+            raise UsageError(
+                f"{flag}: {checkpoint.path} thinks in blocks of joint_block_size={block} tokens, but the longest {task} "
+                f"{split} answer and its EOS take {budget}; the constraint energy reads the answer from a block's first "
+                "position, so the whole answer must fit one block. Leave that split out, use --constraint-weight 0, or a "
+                f"checkpoint with joint_block_size >= {budget}"
+            )
+    return term
+
+
 def evaluate(
     checkpoint: Checkpoint,
     task: str,
@@ -167,15 +217,28 @@ def evaluate(
     data: dict[str, list],
     settings: list[ThinkingConfig],
     batch_size: int,
+    weights: Sequence[float] = (0.0,),
+    constraint: EnergyTerm | None = None,
 ) -> list[dict]:
-    """One result row per thinking setting (EBT) or a single row (a model that cannot think)."""
+    """One result row per constraint weight x thinking setting (EBT), or a single row (a model
+    that cannot think). A weight > 0 adds ``constraint`` (see ``constraint_term``) with that weight."""
     prompts = data["prompt"]
     budget = answer_budget(checkpoint.tokenizer, data["answer"])
+    runs = [(w, t) for w in weights for t in settings] if checkpoint.can_think else [(None, None)]
     rows = []
-    for thinking in settings if checkpoint.can_think else [None]:
+    for weight, thinking in runs:
+        if weight and constraint is None:
+            raise ValueError(f"constraint weight {weight:g} given without the constraint term (see constraint_term)")
         steps, samples = (thinking.steps, thinking.samples) if thinking is not None else (None, None)
         t0 = time.perf_counter()
-        answers = greedy_answers(checkpoint, prompts, max_new_tokens=budget, batch_size=batch_size, thinking=thinking)
+        answers = greedy_answers(
+            checkpoint,
+            prompts,
+            max_new_tokens=budget,
+            batch_size=batch_size,
+            thinking=thinking,
+            energy_terms=[(weight, constraint)] if weight else [],
+        )
         correct = score(task, prompts, answers)
         by_level: dict[int, list[int]] = {}
         for i, level in enumerate(data["difficulty"]):
@@ -188,6 +251,7 @@ def evaluate(
                 "model": checkpoint.label,
                 "path": checkpoint.path,
                 "split": split,
+                "constraint_weight": weight,
                 "steps": steps,
                 "samples": samples,
                 # energy passes per generated token: each step is one forward + backward, plus the final energy
@@ -205,7 +269,7 @@ def evaluate(
                 "no_eos": [i for i, a in enumerate(answers) if not a.finished],  # these count as wrong
             }
         )
-        tag = f"steps={steps} samples={samples}" if thinking is not None else "one pass"
+        tag = f"steps={steps} samples={samples} constraint weight={weight:g}" if thinking is not None else "one pass"
         spent_text = "" if spent is None else f", mean steps {rows[-1]['mean_steps']:.2f}"
         print(f"{task} {split} {checkpoint.label} {tag}: {rows[-1]['accuracy']:.1%}{spent_text}", file=sys.stderr)
     return rows
@@ -213,13 +277,18 @@ def evaluate(
 
 def results_table(results: list[dict]) -> str:
     """Accuracy (%) per split as columns, then the mean inner steps per split (when a row has
-    them: EBT rows); one row per task, model and thinking setting."""
+    them: EBT rows); one row per task, model, constraint weight and thinking setting. The
+    constraint weight column appears only when some row used a weight > 0, so a plain sweep
+    keeps its narrow table."""
     splits = list(dict.fromkeys(r["split"] for r in results))
+    show_weight = any(r.get("constraint_weight") for r in results)
     show_steps = any(r.get("mean_steps") is not None for r in results)
     cells: dict[tuple, dict[str, dict]] = {}
     for r in results:
-        cells.setdefault((r["task"], r["model"], r["steps"], r["samples"], r["energy_passes"]), {})[r["split"]] = r
-    header = ["task", "model", "steps", "samples", "energy passes / token"]
+        weight = r.get("constraint_weight")
+        keys = (r["task"], r["model"], *([None if weight is None else f"{weight:g}"] if show_weight else []))
+        cells.setdefault((*keys, r["steps"], r["samples"], r["energy_passes"]), {})[r["split"]] = r
+    header = ["task", "model", *(["constraint weight"] if show_weight else []), "steps", "samples", "energy passes / token"]
     header += [f"{s} acc. (%)" for s in splits] + ([f"{s} mean steps" for s in splits] if show_steps else [])
     rows = []
     for keys, by_split in cells.items():
@@ -230,6 +299,17 @@ def results_table(results: list[dict]) -> str:
 
 
 SWEEP = ("steps", "samples")
+
+
+def constraint_weight(text: str) -> float:
+    """One ``--constraint-weight`` value: a finite number (the >= 0 check is ``comma_list``'s)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not finite: {text!r}")
+    return value
+
+
+constraint_weight.__name__ = "finite number"  # comma_list names the expected kind after it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +326,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed of the evaluation problems (default 0); thinking's is --think-seed"
     )
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per generate() call (default 128)")
+    parser.add_argument(
+        "--constraint-weight",
+        type=comma_list(constraint_weight, minimum=0),
+        default=[0.0],
+        metavar="WEIGHTS",
+        help="weight(s) of the task's constraint energy (ebt.energies) added to the EBT's energy while it thinks, "
+        "comma-separated, swept with --steps and --samples (default 0 = none). A weight > 0 needs a joint-mode EBT "
+        "(joint_block_size > 0) whose block holds the whole answer and its EOS, on sorting, sudoku or sudoku6; the "
+        "twin is evaluated once without it",
+    )
     parser.add_argument("--output", help="write every result row (with all answers and steps spent) to this JSON file")
     add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 4, 8], "samples": [1, 2, 4]})
 
@@ -257,6 +347,7 @@ def main(args: argparse.Namespace) -> int:
     if args.num_examples < 1 or args.batch_size < 1:
         raise UsageError("--num-examples and --batch-size must be >= 1")
     settings = thinking_settings(args)
+    weights = list(dict.fromkeys(args.constraint_weight))
     # Load and check everything first, so a setting that cannot run fails before hours of evaluation.
     plan = []
     for task in args.task:
@@ -267,12 +358,12 @@ def main(args: argparse.Namespace) -> int:
                 twin.label += " (--twin)"
             checkpoints.append(twin)
         splits = {split: make_task(task, split, args.num_examples, seed=args.seed).to_dict() for split in args.split}
-        plan.append((task, splits, checkpoints))
+        plan.append((task, splits, [(c, constraint_term(c, task, weights, splits)) for c in checkpoints]))
     results: list[dict] = []
     for task, splits, models in plan:
         for split, data in splits.items():
-            for checkpoint in models:
-                results += evaluate(checkpoint, task, split, data, settings, args.batch_size)
+            for checkpoint, constraint in models:
+                results += evaluate(checkpoint, task, split, data, settings, args.batch_size, weights, constraint)
     table = results_table(results)
     print(table)
     if args.output:
@@ -281,6 +372,7 @@ def main(args: argparse.Namespace) -> int:
             "num_examples": args.num_examples,
             "seed": args.seed,
             "thinking": fixed,
+            "constraint_weights": weights,
             "command": " ".join(sys.argv),
         }
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

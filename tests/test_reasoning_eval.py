@@ -34,7 +34,7 @@ class ScriptedModel:
 
     It checks what the evaluator must send (EOS before the prompt, left padding, greedy, the
     length limit as ``max_length`` only, and for an "ebt" a request for the steps spent) and
-    records the thinking config it was given. As an "ebt" it reports
+    records the thinking config and energy terms it was given. As an "ebt" it reports
     ``spent(prompt, j)`` inner steps on its j-th new token up to and including the first EOS
     (all tokens without one) and 0 after it, as ``EBTGenerationMixin.generate`` does.
     """
@@ -44,16 +44,18 @@ class ScriptedModel:
         self.spent = spent or (lambda prompt, j: 1)
         self.config = SimpleNamespace(model_type=model_type)
         self.think_calls: list[ThinkingConfig | None] = []
+        self.term_calls: list[list] = []
 
     def generate(self, input_ids, attention_mask, max_length, do_sample, eos_token_id, pad_token_id, **think):
         ebt = self.config.model_type == "ebt"
         assert do_sample is False
         if ebt:
             assert think.pop("return_dict_in_generate") is True, "the evaluator reads the steps spent from the dict"
-        assert set(think) <= ({"thinking"} if ebt else set())
+        assert set(think) <= ({"thinking", "energy_terms"} if ebt else set())
         max_new_tokens = max_length - input_ids.shape[1]
         thinking = think.get("thinking")
         self.think_calls.append(thinking)
+        self.term_calls.append(think.get("energy_terms", []))
         rows, spent = [], []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             assert mask == sorted(mask), "padding must be on the left"
@@ -151,7 +153,7 @@ def test_a_model_that_cannot_think_gets_one_row_and_no_thinking_arguments(tokeni
         checkpoint, "addition", "test", data, [ThinkingConfig(steps=1), ThinkingConfig(steps=8, samples=4)], batch_size=4
     )
     assert len(rows) == 1 and rows[0]["steps"] is None and rows[0]["accuracy"] == 1.0
-    assert rows[0]["mean_steps"] is None and rows[0]["steps_spent"] is None
+    assert rows[0]["constraint_weight"] is None and rows[0]["mean_steps"] is None and rows[0]["steps_spent"] is None
     assert all(call is None for call in checkpoint.model.think_calls)
     with pytest.raises(ValueError, match="not an EBT"):
         R.greedy_answers(checkpoint, data["prompt"], max_new_tokens=4, batch_size=4, thinking=ThinkingConfig(steps=2))
@@ -185,6 +187,27 @@ def test_steps_spent_are_the_mean_over_the_answer_up_to_and_including_its_eos(to
     )
 
 
+def test_constraint_weights_reach_the_ebt_as_energy_terms_and_become_rows(tokenizer) -> None:
+    """Each weight x setting is one row; a weight > 0 sends (weight, term), 0 sends none; a model
+    that cannot think gets one row and no terms."""
+    data = make_task("addition", "test", 5).to_dict()
+
+    def term(probs, input_ids, attention_mask):
+        raise AssertionError("the scripted model never calls it")
+
+    settings = [ThinkingConfig(steps=1), ThinkingConfig(steps=4)]
+    ebt = scripted(tokenizer, lambda p, thinking: "1\n", model_type="ebt")
+    rows = R.evaluate(ebt, "addition", "test", data, settings, batch_size=5, weights=[0.0, 2.5], constraint=term)
+    assert [(r["constraint_weight"], r["steps"]) for r in rows] == [(0.0, 1), (0.0, 4), (2.5, 1), (2.5, 4)]
+    assert ebt.model.term_calls == [[], [], [(2.5, term)], [(2.5, term)]]
+    assert ebt.model.think_calls == settings + settings
+    twin = scripted(tokenizer, lambda p, thinking: "1\n")
+    (row,) = R.evaluate(twin, "addition", "test", data, settings, batch_size=5, weights=[0.0, 2.5], constraint=term)
+    assert row["constraint_weight"] is None and twin.model.term_calls == [[]]
+    with pytest.raises(ValueError, match="without the constraint term"):
+        R.evaluate(ebt, "addition", "test", data, settings, batch_size=5, weights=[1.0])
+
+
 def test_unseen_characters_are_refused() -> None:
     addition_only = char_tokenizer(["12+34=64\n"], eos_token="\n")
     checkpoint = scripted(addition_only, lambda p, thinking: "\n")
@@ -214,6 +237,31 @@ def test_markdown_table_layout() -> None:
         "| dyck | EBT | 4 | 1 | 9 | 75.0 | 25.0 |",
         "| dyck | Transformer++ | - | - | - | 100.0 |  |",
     ]
+
+
+def test_markdown_table_with_constraint_weights_and_steps() -> None:
+    """A weight > 0 adds the weight column (the twin's is '-'); EBT rows add mean steps per split."""
+    ebt = [
+        {
+            "task": "sudoku", "model": "EBT", "split": s, "constraint_weight": w, "steps": 4, "samples": 1,
+            "energy_passes": 9, "accuracy": a, "mean_steps": m,
+        }
+        for w, s, a, m in ((0.0, "test", 0.5, 4.0), (0.0, "harder", 0.25, 4.0), (10.0, "test", 1.0, 2.5))
+    ]  # fmt: skip
+    twin = {
+        "task": "sudoku", "model": "Transformer++", "split": "test", "constraint_weight": None, "steps": None,
+        "samples": None, "energy_passes": None, "accuracy": 0.75, "mean_steps": None,
+    }  # fmt: skip
+    assert R.results_table([*ebt, twin]).splitlines() == [
+        "| task | model | constraint weight | steps | samples | energy passes / token | test acc. (%) | harder acc. (%) "
+        "| test mean steps | harder mean steps |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sudoku | EBT | 0 | 4 | 1 | 9 | 50.0 | 25.0 | 4.00 | 4.00 |",
+        "| sudoku | EBT | 10 | 4 | 1 | 9 | 100.0 |  | 2.50 |  |",
+        "| sudoku | Transformer++ | - | - | - | - | 75.0 |  | - |  |",
+    ]
+    plain = [{**r, "constraint_weight": 0.0} for r in ebt[:2]]
+    assert "constraint weight" not in R.results_table(plain)  # no weight > 0 asked: no column
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +329,8 @@ def test_command_writes_table_and_results(folders, tmp_path, capfd) -> None:
     for r in rows:
         expected = [r["steps"]] * 6 if r["model"] == "EBT" else None
         assert r["steps_spent"] == expected and r["mean_steps"] == (r["steps"] if expected else None)
-    assert "| test mean steps | harder mean steps |" in table
+        assert r["constraint_weight"] == (0.0 if expected else None)
+    assert "| test mean steps | harder mean steps |" in table and "constraint weight" not in table
 
 
 @pytest.mark.parametrize(
@@ -319,12 +368,12 @@ def test_reasoning_configs_train_ebt_and_twin_alike(task: str) -> None:
     assert ebt_cfg["train"]["replay_buffer_size"] == 0  # replayed rows would give the EBT extra rows
 
 
-# ------------------------------------------------------------------ joint-mode EBT
+# ------------------------------------------------------------------ joint-mode EBT and constraint energies
 
 
 @pytest.fixture(scope="module")
 def sudoku_tokenizer():
-    """Characters of Sudoku and addition, EOS = newline."""
+    """Characters of Sudoku and addition (a task without a constraint energy), EOS = newline."""
     rows = [make_task(t, "train", 300) for t in ("sudoku", "addition")]
     return char_tokenizer([p + a for ds in rows for p, a in zip(ds["prompt"], ds["answer"])], eos_token="\n")
 
@@ -333,7 +382,8 @@ def sudoku_tokenizer():
 def joint_folders(sudoku_tokenizer, tmp_path_factory):
     """Random joint-mode EBTs saved as the trainer saves them: blocks of 5 (a Sudoku answer and its
     EOS, 17 tokens, take four blocks) and of 17 (one block), with the Llama twin of the latter.
-    Mirror steps as in configs/reasoning/sudoku-joint.yaml."""
+    Mirror steps as in configs/reasoning/sudoku-joint.yaml: they accumulate the gradient in the
+    logits, so a dominant constraint energy is descended until it is (nearly) zero."""
     root = tmp_path_factory.mktemp("joint")
     tok = sudoku_tokenizer
     for block in (5, 17):
@@ -383,6 +433,31 @@ def test_a_joint_checkpoint_answers_as_its_own_greedy_generate(joint_folders, tm
     assert min(lengths) < budget  # and some was cut at its EOS
 
 
+def keeps_givens(prompt: str, answer: str) -> bool:
+    """Whether the answer's first 16 characters repeat every given digit of the 4x4 board."""
+    return len(answer) >= 16 and all(g in (".", a) for g, a in zip(prompt[:16], answer))
+
+
+def test_a_large_constraint_weight_keeps_the_givens(joint_folders, tmp_path) -> None:
+    """The Sudoku energy adds (1 - p_cell(given))^2 for every given and is convex in the
+    probabilities, zero only where every given is certain: with a weight that dwarfs the random
+    model's energy, descending it keeps all givens. The random model alone keeps them by chance
+    only. The twin is evaluated once, without it."""
+    argv = [
+        "--model", str(joint_folders / "joint17"), "--twin", str(joint_folders / "llama"), "--task", "sudoku",
+        "--split", "test", "--num-examples", "12", "--steps", "64", "--samples", "1", "--step-size", "1",
+        "--constraint-weight", "0,1000",
+    ]  # fmt: skip
+    saved = run_json(argv, tmp_path / "constraint.json")
+    prompts = make_task("sudoku", "test", 12, seed=0)["prompt"]
+    kept = {r["constraint_weight"]: sum(keeps_givens(p, a) for p, a in zip(prompts, r["outputs"])) for r in saved["results"]}
+    assert kept[1000.0] == 12 and kept[0.0] < 12
+    twin = [r for r in saved["results"] if r["model"] == "Transformer++"]
+    assert len(twin) == 1 and twin[0]["constraint_weight"] is None and twin[0]["steps"] is None
+    assert saved["constraint_weights"] == [0.0, 1000.0]
+    assert "| sudoku | EBT | 1000 | 64 | 1 |" in saved["table"] and "| sudoku | Transformer++ | - |" in saved["table"]
+
+
 def test_a_tolerance_stops_problems_early(joint_folders) -> None:
     """Residual halting: a problem stops once a step moves no probability by the tolerance or
     more, so with an unreachable tolerance every problem stops after its first step, and with a
@@ -393,3 +468,30 @@ def test_a_tolerance_stops_problems_early(joint_folders) -> None:
     never, moderate = R.evaluate(checkpoint, "sudoku", "harder", data, settings, batch_size=10)
     assert never["steps_spent"] == [1.0] * 10 and never["mean_steps"] == 1.0
     assert all(1 <= s <= 8 for s in moderate["steps_spent"]) and moderate["mean_steps"] <= 8
+
+
+@pytest.mark.parametrize(
+    "folder, task, weights, message",
+    [
+        ("addition-ebt", "addition", "0,2", "is an autoregressive EBT (joint_block_size=0)"),
+        ("joint17", "addition", "1", "tasks with a built-in energy: sorting, sudoku, sudoku6"),
+        ("joint5", "sudoku", "1", "the whole answer must fit one block"),
+    ],
+)
+def test_constraint_weights_that_cannot_run_exit_2(
+    folders, joint_folders, capsys, folder: str, task: str, weights: str, message: str
+) -> None:
+    path = (folders if folder == "addition-ebt" else joint_folders) / folder
+    argv = ["reasoning", "--model", str(path), "--task", task, "--num-examples", "2", "--constraint-weight", weights]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"--constraint-weight {weights}" in err
+
+
+@pytest.mark.parametrize("weights", ["-1", "0,nan", "inf"])
+def test_constraint_weights_must_be_finite_and_not_negative(folders, capsys, weights: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        eval_main(
+            ["reasoning", "--model", str(folders / "addition-ebt"), "--task", "addition", "--constraint-weight", weights]
+        )
+    assert exit_.value.code == 2 and "--constraint-weight" in capsys.readouterr().err
