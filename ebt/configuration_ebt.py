@@ -249,7 +249,9 @@ class EBTConfig(PreTrainedConfig):
     draft_stop_gradient: bool = False
     # Energies that rank: cross-entropy over the energies of the true token's one-hot candidate
     # and contrastive_negatives wrong one-hots (half the model's own most likely wrong tokens, half
-    # random), weighted by contrastive_weight, so confident wrong answers are pushed up.
+    # random), weighted by contrastive_weight, so confident wrong answers are pushed up. In the
+    # joint mode the candidates are whole blocks: the truth against the model's own answer and
+    # corrupted answers (positions given other positions' true tokens).
     contrastive_weight: float = 0.0
     contrastive_negatives: int = 8
     # Joint continuation (reasoning): 0 = autoregressive, one candidate per next token. m > 0 =
@@ -336,11 +338,8 @@ class EBTConfig(PreTrainedConfig):
                 "joint_block_size",
                 f"must be 0 (autoregressive) or an integer in [1, max_position_embeddings={self.max_position_embeddings})",
             )
-        if self.joint_block_size and (self.draft_head or self.contrastive_weight > 0):
-            raise bad(
-                "joint_block_size",
-                "the joint mode has no draft head and no contrastive term yet: set draft_head=False and contrastive_weight=0",
-            )
+        if self.joint_block_size and self.draft_head:
+            raise bad("joint_block_size", "the joint mode has no draft head: set draft_head=False")
         if self.contrastive_weight > 0 and not (
             _is_int(self.contrastive_negatives) and 1 <= self.contrastive_negatives < self.vocab_size
         ):

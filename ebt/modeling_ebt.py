@@ -997,9 +997,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 draft_loss = F.cross_entropy(draft.flatten(0, 1), targets.flatten(), ignore_index=-100)
                 objective = objective + cfg.draft_loss_weight * draft_loss
             if cfg.contrastive_weight > 0:
-                contrastive = self._contrastive_loss(
-                    energy_fn, result["z"].detach(), targets, int(result["steps_taken"].max())
-                )
+                shaping = self._block_contrastive_loss if joint else self._contrastive_loss
+                contrastive = shaping(energy_fn, result["z"].detach(), targets, int(result["steps_taken"].max()))
                 objective = objective + cfg.contrastive_weight * contrastive
         return EBTCausalLMOutput(
             loss=objective,
@@ -1028,6 +1027,28 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         energies = torch.stack([energy_fn(F.one_hot(tokens[..., j], vocab).to(z.dtype), step) for j in range(k + 1)], -1)
         labels = torch.where(targets >= 0, 0, -100)
         return F.cross_entropy((-energies).flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def _block_contrastive_loss(self, energy_fn, z: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
+        """Joint mode: cross-entropy of the true answer among corrupted ones, scored by the summed
+        block energies of one-hot blocks (IRED's contrastive shaping), so the energy ranks whole
+        answers and descent has a minimum at the truth. ``targets`` (B, m); ``z`` (B, m, V) the
+        final candidates. Negatives: the model's own answer (argmax of ``z``), and answers where
+        each position is, with a probability drawn per negative, replaced by the true token of a
+        random position of the same block (a cell gets another cell's digit: plausible, wrong).
+        A corruption that happens to equal the truth costs nothing (it is pushed up as much as the
+        truth is pushed down). Torch's global generator draws the corruptions."""
+        cfg = self.config
+        vocab, k = cfg.vocab_size, cfg.contrastive_negatives
+        true = targets.clamp(min=0)  # (B, m)
+        bsz, m = true.shape
+        blocks = [true, z.argmax(-1)]
+        for _ in range(k - 1):
+            rate = torch.rand(bsz, 1, device=z.device)  # how much of the answer this negative changes
+            swap = torch.rand(bsz, m, device=z.device) < rate
+            source = true.gather(1, torch.randint(0, m, (bsz, m), device=z.device))
+            blocks.append(torch.where(swap, source, true))
+        energies = torch.stack([energy_fn(F.one_hot(t, vocab).to(z.dtype), step).sum(-1) for t in blocks], -1)  # (B, 1 + k)
+        return F.cross_entropy(-energies, torch.zeros(bsz, dtype=torch.long, device=z.device))
 
     # Hooks of a generic training loop (train/hooks.py gives every causal LM defaults).
     def optimizer_overrides(self) -> dict[str, dict[str, float]]:
