@@ -341,9 +341,13 @@ class EBTConfig(PreTrainedConfig):
         if self.joint_block_size and self.draft_head:
             raise bad("joint_block_size", "the joint mode has no draft head: set draft_head=False")
         if self.contrastive_weight > 0 and not (
-            _is_int(self.contrastive_negatives) and 1 <= self.contrastive_negatives < self.vocab_size
+            _is_int(self.contrastive_negatives)
+            and 1 <= self.contrastive_negatives
+            and (self.joint_block_size or self.contrastive_negatives < self.vocab_size)
         ):
-            raise bad("contrastive_negatives", f"must be an integer in [1, vocab_size={self.vocab_size})")
+            per_token = f"an integer in [1, vocab_size={self.vocab_size})"
+            allowed = "an integer >= 1 (whole answers)" if self.joint_block_size else per_token
+            raise bad("contrastive_negatives", f"must be {allowed}")
         if self.kl_weight > 0:
             if self.update_rule != "mirror":
                 raise bad("kl_weight", "needs update_rule='mirror' (the damped mirror step)")
