@@ -43,7 +43,7 @@ import torch
 
 from ebt.tasks import TASK_NAMES
 
-__all__ = ["EnergyTerm", "sudoku_energy", "sorting_energy", "task_energy"]
+__all__ = ["TASKS_WITH_ENERGY", "EnergyTerm", "sudoku_energy", "sorting_energy", "task_energy"]
 
 #: ``term(probs (B, m, V), input_ids (B, T), attention_mask (B, T)) -> (B,)``, see the module docstring.
 EnergyTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -189,13 +189,15 @@ _TASK_ENERGIES: dict[str, Callable[[CharTokenizer], EnergyTerm]] = {
     "sudoku": lambda tokenizer: sudoku_energy(tokenizer, size=4),
     "sudoku6": lambda tokenizer: sudoku_energy(tokenizer, size=6),
 }
+#: The ``ebt.tasks`` tasks that ``task_energy`` has a constraint energy for (help texts, checks).
+TASKS_WITH_ENERGY: tuple[str, ...] = tuple(_TASK_ENERGIES)
 
 
 def task_energy(task: str, tokenizer: CharTokenizer) -> EnergyTerm:
     """The built-in constraint energy of an ``ebt.tasks`` task, so that a caller (an evaluation
-    script, a config) can name a task instead of building the term: ``sorting``, ``sudoku``
-    (size 4) and ``sudoku6`` (size 6) have one; addition and Dyck have none."""
-    if task not in _TASK_ENERGIES:
+    script, a config) can name a task instead of building the term: those of ``TASKS_WITH_ENERGY``,
+    ``sorting``, ``sudoku`` (size 4) and ``sudoku6`` (size 6); addition and Dyck have none."""
+    if task not in TASKS_WITH_ENERGY:
         what = "has no built-in energy" if task in TASK_NAMES else f"is not a task of ebt.tasks ({', '.join(TASK_NAMES)})"
-        raise ValueError(f"task {task!r} {what}; tasks with a built-in energy: {', '.join(_TASK_ENERGIES)}")
+        raise ValueError(f"task {task!r} {what}; tasks with a built-in energy: {', '.join(TASKS_WITH_ENERGY)}")
     return _TASK_ENERGIES[task](tokenizer)

@@ -53,7 +53,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ebt.configuration_ebt import ThinkingConfig
-from ebt.energies import EnergyTerm, task_energy
+from ebt.energies import TASKS_WITH_ENERGY, EnergyTerm, task_energy
 from ebt.tasks import SPLITS, TASK_NAMES, check_answer, make_task
 from eval.common import (
     Checkpoint,
@@ -333,8 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="WEIGHTS",
         help="weight(s) of the task's constraint energy (ebt.energies) added to the EBT's energy while it thinks, "
         "comma-separated, swept with --steps and --samples (default 0 = none). A weight > 0 needs a joint-mode EBT "
-        "(joint_block_size > 0) whose block holds the whole answer and its EOS, on sorting, sudoku or sudoku6; the "
-        "twin is evaluated once without it",
+        "(joint_block_size > 0) whose block holds the whole answer and its EOS, on a task with one "
+        f"({', '.join(TASKS_WITH_ENERGY)}); the twin is evaluated once without it",
     )
     parser.add_argument("--output", help="write every result row (with all answers and steps spent) to this JSON file")
     add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 4, 8], "samples": [1, 2, 4]})

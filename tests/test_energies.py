@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ebt.energies import sorting_energy, sudoku_energy, task_energy
-from ebt.tasks import make_task, task_text
+from ebt.energies import TASKS_WITH_ENERGY, sorting_energy, sudoku_energy, task_energy
+from ebt.tasks import TASK_NAMES, make_task, task_text
 from train.tokenizer import char_tokenizer
 
 F64_EPS = torch.finfo(torch.float64).eps
@@ -240,3 +240,16 @@ def test_errors_say_what_is_wrong(tokenizer) -> None:
     ids, mask = encode(tokenizer, ["1.2...3.3.4..41="])  # 15 cells
     with pytest.raises(ValueError, match=r"16 cells"):
         sudoku_energy(tokenizer, 4)(random_probs((1, 17, len(tokenizer)), 0), ids, mask)
+
+
+def test_tasks_with_energy_are_exactly_those_task_energy_builds(tokenizer) -> None:
+    """Help texts list ``TASKS_WITH_ENERGY``: it must name every task with a term and no other."""
+    built = []
+    for task in TASK_NAMES:
+        try:
+            task_energy(task, tokenizer)
+        except ValueError as error:
+            assert "has no built-in energy" in str(error)
+        else:
+            built.append(task)
+    assert tuple(built) == TASKS_WITH_ENERGY == TASKS
