@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ebt.tasks import TASK_NAMES
 
-__all__ = ["TASKS_WITH_ENERGY", "EnergyTerm", "sudoku_energy", "sorting_energy", "task_energy"]
+if TYPE_CHECKING:
+    from ebt.modeling_ebt import EBTForCausalLM
+
+__all__ = ["TASKS_WITH_ENERGY", "EnergyTerm", "ebt_energy", "sudoku_energy", "sorting_energy", "task_energy"]
 
 #: ``term(probs (B, m, V), input_ids (B, T), attention_mask (B, T)) -> (B,)``, see the module docstring.
 EnergyTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -201,3 +204,58 @@ def task_energy(task: str, tokenizer: CharTokenizer) -> EnergyTerm:
         what = "has no built-in energy" if task in TASK_NAMES else f"is not a task of ebt.tasks ({', '.join(TASK_NAMES)})"
         raise ValueError(f"task {task!r} {what}; tasks with a built-in energy: {', '.join(TASKS_WITH_ENERGY)}")
     return _TASK_ENERGIES[task](tokenizer)
+
+
+def ebt_energy(model: EBTForCausalLM) -> EnergyTerm:
+    """Another joint-mode EBT's energy of the same block, per position (B, m): an ensemble of EBTs.
+
+    The term encodes ``input_ids``/``attention_mask`` with ``model``'s context stream and scores the
+    block with its ``block_energy_function`` at inner step 0 (the term convention carries no step:
+    with step embeddings, the landscape ``model`` learned for its first step). The context does not
+    depend on ``probs``, and one ``think()`` call scores the same prompts at every inner step, so it
+    is encoded once: the term keeps a copy of the last ``(input_ids, attention_mask)`` with their
+    context and reuses it while a call's tensors equal them (a shape check, then ``torch.equal``; a
+    copy, so that a tensor changed in place is not mistaken for the one encoded). Its keys/values
+    stay alive until the next prompt.
+
+    ``model`` runs in its own dtype; the energy is returned in ``probs``' dtype. It is a fixed
+    expert: its context and fused weights are built without gradient, so training through thinking
+    does not train it (freeze it, ``model.requires_grad_(False)``, so that no gradient reaches its
+    other parameters either), and a change of its weights needs a new term (the cache holds the old
+    ones). Its
+    vocabulary and block size must be ``probs``' V and m (checked at each call, before encoding).
+    """
+    block = getattr(model.config, "joint_block_size", None)
+    if block is None:
+        raise ValueError(f"ebt_energy needs an EBT (EBTForCausalLM); got a {type(model).__name__}")
+    if block == 0:
+        raise ValueError(
+            "ebt_energy needs a joint-mode EBT (joint_block_size > 0) to score a block; this one is autoregressive "
+            "(joint_block_size=0)"
+        )
+    # the last prompts (a copy) and their block energy, whose context and tables are built once
+    last: tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]] | None = None
+
+    def block_energy(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        nonlocal last
+        if last is not None:
+            ids, mask, energy = last
+            same = ids.shape == input_ids.shape and mask.shape == attention_mask.shape and ids.device == input_ids.device
+            if same and torch.equal(ids, input_ids) and torch.equal(mask, attention_mask):
+                return energy
+        with torch.no_grad():
+            energy = model.model.block_energy_function(model.model.encode(input_ids, attention_mask), block)
+        last = (input_ids.clone(), attention_mask.clone(), energy)
+        return energy
+
+    def term(probs: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m, vocab = probs.shape[1:]
+        if (block, model.config.vocab_size) != (m, vocab):
+            raise ValueError(
+                f"ebt_energy's EBT scores blocks of joint_block_size={block} positions over a vocabulary of "
+                f"{model.config.vocab_size}; the block has {m} positions over {vocab}: use an EBT trained with the "
+                "thinking model's block size and tokenizer"
+            )
+        return block_energy(input_ids, attention_mask)(probs, 0).to(probs.dtype)
+
+    return term

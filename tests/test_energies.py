@@ -1,6 +1,9 @@
-"""Tests for ebt.energies: zero at the truth, the exact value at wrong one-hot answers (recomputed
-here from the strings), gradients (gradcheck, twice), batch/padding invariance, and that a small
-gradient step from a perturbed truth lowers the energy and moves back towards the truth."""
+"""Tests for ebt.energies.
+
+Task constraints: zero at the truth, the exact value at wrong one-hot answers (recomputed here from
+the strings), gradients (gradcheck, twice), batch/padding invariance, and that a small gradient
+step from a perturbed truth lowers the energy and moves back towards the truth. Another EBT: its
+block energy, encoded once per prompt."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from ebt.energies import TASKS_WITH_ENERGY, sorting_energy, sudoku_energy, task_energy
+from ebt import EBTForCausalLM
+from ebt.energies import TASKS_WITH_ENERGY, ebt_energy, sorting_energy, sudoku_energy, task_energy
 from ebt.tasks import TASK_NAMES, make_task, task_text
 from train.tokenizer import char_tokenizer
 
@@ -253,3 +258,92 @@ def test_tasks_with_energy_are_exactly_those_task_energy_builds(tokenizer) -> No
         else:
             built.append(task)
     assert tuple(built) == TASKS_WITH_ENERGY == TASKS
+
+
+# ------------------------------------------------------------------ another EBT
+
+VOCAB = 11  # the tiny models' vocabulary (tests/conftest.py's tiny EBT, the tiny Llama below)
+M = 4  # block size of the tiny joint EBTs
+LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+
+
+def joint_ebt(tiny_config, seed: int, dtype: torch.dtype = torch.float64, **overrides) -> EBTForCausalLM:
+    torch.manual_seed(seed)
+    fields = dict(joint_block_size=M, update_rule="mirror", step_size=2.0)
+    return EBTForCausalLM(tiny_config(**{**fields, **overrides})).to(dtype).eval()
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).double().eval()
+
+
+def padded_prompts(lengths: list[int], seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Random prompts of these lengths, and the batch left-padded with token 7 (mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.stack([torch.cat((torch.full((width - len(p),), 7), p)) for p in prompts])
+    mask = torch.stack([(torch.arange(width) >= width - len(p)).long() for p in prompts])
+    return prompts, ids, mask
+
+
+def test_ebt_energy_is_the_other_ebts_block_energy_in_its_own_dtype(tiny_config) -> None:
+    _, ids, mask = padded_prompts([3, 6, 2], seed=0)
+    probs = random_probs((3, M, VOCAB), seed=0)
+    for dtype in (torch.float64, torch.float32):
+        other = joint_ebt(tiny_config, seed=1, dtype=dtype)
+        with torch.no_grad():
+            expected = other.model.block_energy_function(other.model.encode(ids, mask), M)(probs, 0)
+            energy = ebt_energy(other)(probs, ids, mask)
+        assert energy.dtype == torch.float64 and expected.dtype == dtype
+        assert torch.equal(energy, expected.double())  # the same operations on the same numbers
+    term = ebt_energy(joint_ebt(tiny_config, seed=1))
+    probs = random_probs((3, M, VOCAB), seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: term(p, ids, mask), (probs,))
+    assert torch.autograd.gradgradcheck(lambda p: term(p, ids, mask), (probs,))
+
+
+def test_ebt_energy_encodes_each_prompt_once(tiny_config, monkeypatch) -> None:
+    model, other = joint_ebt(tiny_config, seed=0), joint_ebt(tiny_config, seed=1)
+    encoded = []
+    encode = other.model.encode
+    monkeypatch.setattr(other.model, "encode", lambda ids, mask: encoded.append(ids.clone()) or encode(ids, mask))
+    term = ebt_energy(other)
+    _, ids, mask = padded_prompts([3, 6], seed=2)
+    with torch.no_grad():
+        model.think(ids, mask, steps=5, samples=2, energy_terms=[(1.0, term)])  # 2 x 6 energies, one prompt batch
+        assert len(encoded) == 1 and torch.equal(encoded[0], ids.repeat(2, 1))
+        probs = random_probs((2, M, VOCAB), seed=2)
+        term(probs, ids.clone(), mask.clone())
+        term(probs, ids.clone(), mask.clone())  # equal tensors, not the same objects: still cached
+        assert len(encoded) == 2
+        _, new_ids, new_mask = padded_prompts([5, 4], seed=3)
+        energy = term(probs, new_ids, new_mask)
+        assert len(encoded) == 3
+        assert torch.equal(energy, other.model.block_energy_function(encode(new_ids, new_mask), M)(probs, 0))
+        new_ids[:, -1] = (new_ids[:, -1] + 1) % VOCAB  # changed in place: the cache kept a copy
+        energy = term(probs, new_ids, new_mask)
+        assert len(encoded) == 4
+        assert torch.equal(energy, other.model.block_energy_function(encode(new_ids, new_mask), M)(probs, 0))
+
+
+def test_ebt_energy_refuses_what_cannot_score_the_block(tiny_config) -> None:
+    _, ids, mask = padded_prompts([3], seed=4)
+    with pytest.raises(ValueError, match=r"joint-mode EBT .* autoregressive \(joint_block_size=0\)"):
+        ebt_energy(joint_ebt(tiny_config, seed=0, joint_block_size=0))
+    with pytest.raises(ValueError, match=r"needs an EBT .*LlamaForCausalLM"):
+        ebt_energy(tiny_llama())
+    term = ebt_energy(joint_ebt(tiny_config, seed=0, joint_block_size=3))
+    with pytest.raises(ValueError, match=r"joint_block_size=3 positions .* the block has 4 positions"):
+        term(random_probs((1, 4, VOCAB), 0), ids, mask)
+    with pytest.raises(ValueError, match=r"vocabulary of 11; the block has 3 positions over 12"):
+        term(random_probs((1, 3, 12), 0), ids, mask)
