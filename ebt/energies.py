@@ -1,36 +1,54 @@
-"""Hand-written constraint energies for the reasoning tasks, to add to the model's learned energy.
+"""Energies to add to a joint-mode EBT's learned energy: task constraints, another EBT, an LM prior.
 
 In the joint continuation mode the model refines a block of m candidate positions after a prompt
 together, by gradient descent on an energy; ``think(energy_terms=[(weight, term), ...])`` (and
-``generate``) add weighted extra terms to that energy, a product of experts: the model supplies
-what it learned, the term what is known for sure about the task (the rules of Sudoku, that a
-sorted list is a permutation in ascending order). This module builds such terms.
+``generate``) add weighted extra terms to that energy. Energies compose by addition, a product of
+experts (``exp(-E_model - w1 E_1 - w2 E_2 ...)``): the model supplies what it learned, each term
+another opinion on the same block. This module builds three kinds:
 
-Convention of a term: ``term(probs, input_ids, attention_mask) -> (B,)``
+- task constraints (``task_energy``, for the tasks of ``TASKS_WITH_ENERGY``): what is known for
+  sure about the task (the rules of Sudoku, that a sorted list is a permutation in ascending
+  order), zero exactly at the true answer;
+- another EBT (``ebt_energy``): a second joint-mode model's energy of the block, an ensemble;
+- an LM prior (``lm_prior``): a causal LM's cross-entropy of the block fed as soft inputs, which
+  favours text that LM finds likely.
+
+A weight sets how much a term counts against the model's energy and the others: the inner step
+moves along the weighted sum's gradient, so a weight w scales that term's pull by w (a large one
+may need a smaller ``step_size``). Cost: every term runs at every inner step of every sample, on
+top of the model's own candidate stream: the task constraints are a few small tensor products,
+another EBT one candidate-stream pass (its prompt is encoded once per batch of prompts) and
+its backward, the LM prior one forward of the LM over prompt + block and its backward.
+
+Convention of a term: ``term(probs, input_ids, attention_mask) -> (B,) or (B, m)``
 
 - ``probs`` (B, m, V): the candidate distributions of the block (softmax over the vocabulary),
   float32 or float64. Block position j holds answer character j; after the answer comes EOS (the
   block is the answer, then EOS padding up to m).
 - ``input_ids`` (B, T): the prompt token ids, left-padded (``attention_mask`` (B, T): 1 = token,
-  0 = padding), each row ending with the prompt's last character ``=``. Evaluation feeds
-  ``EOS + prompt``, so an EOS may precede the prompt.
-- return: one energy per problem, lower = better, zero exactly at the true answer.
+  0 = padding); for the task constraints each row ends with the prompt's last character ``=``.
+  Evaluation feeds ``EOS + prompt``, so an EOS may precede the prompt.
+- return: lower = better, in ``probs``' dtype: one energy per problem (the task constraints, zero
+  exactly at the true answer) or one per block position (another EBT, the LM prior).
 
 The result is differentiated with autograd inside the inner loop, and in training possibly twice
-(the loss differentiates through the inner steps), so a term is a polynomial in ``probs`` built
-from smooth torch ops only; the prompt is read with integer comparisons, which carry no gradient.
-A term checks that every row ends with ``=`` and holds a well-formed problem and raises
-``ValueError`` otherwise: it reads the answer from block position 0, so it only fits a block that
-starts the answer (the joint block must hold the whole answer, not a later piece of it).
+(the loss differentiates through the inner steps), so a term is built from smooth torch ops only
+(a model's attention included: the LM prior's second derivative needs an LM with eager attention).
 
-Both energies are quadratic in ``probs``: squared linear residuals (each unit holds each digit
-once, the answer's digit counts equal the prompt's, a given keeps its digit, EOS follows the
-answer) plus, for sorting, the bilinear probability of a descent between neighbours. They are
-zero at the one-hot true answer (every residual is a sum of exact zeros and ones) and positive at
-any other one-hot block (sorting: the answer and the EOS after it; Sudoku: the cells, it reads
-nothing after them). Sudoku's is also zero at fractional points whose unit sums are all 1 with
-the givens certain (an average of valid boards is one), so it does not by itself force a one-hot
-board: it is meant to be added to the model's energy, not to replace it.
+The task constraints are polynomials in ``probs``; the prompt is read with integer comparisons,
+which carry no gradient. Such a term checks that every row ends with ``=`` and holds a
+well-formed problem and raises ``ValueError`` otherwise: it reads the answer from block position
+0, so it only fits a block that starts the answer (the joint block must hold the whole answer,
+not a later piece of it).
+
+Both constraint energies are quadratic in ``probs``: squared linear residuals (each unit holds each
+digit once, the answer's digit counts equal the prompt's, a given keeps its digit, EOS follows the
+answer) plus, for sorting, the bilinear probability of a descent between neighbours. They are zero
+at the one-hot true answer (every residual is a sum of exact zeros and ones) and positive at any
+other one-hot block (sorting: the answer and the EOS after it; Sudoku: the cells, it reads nothing
+after them). Sudoku's is also zero at fractional points whose unit sums are all 1 with the givens
+certain (an average of valid boards is one), so it does not by itself force a one-hot board: it is
+meant to be added to the model's energy, not to replace it.
 """
 
 from __future__ import annotations
@@ -44,11 +62,13 @@ import torch
 from ebt.tasks import TASK_NAMES
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from ebt.modeling_ebt import EBTForCausalLM
 
-__all__ = ["TASKS_WITH_ENERGY", "EnergyTerm", "ebt_energy", "sudoku_energy", "sorting_energy", "task_energy"]
+__all__ = ["TASKS_WITH_ENERGY", "EnergyTerm", "ebt_energy", "lm_prior", "sudoku_energy", "sorting_energy", "task_energy"]
 
-#: ``term(probs (B, m, V), input_ids (B, T), attention_mask (B, T)) -> (B,)``, see the module docstring.
+#: ``term(probs (B, m, V), input_ids (B, T), attention_mask (B, T)) -> (B,) or (B, m)``, see the module docstring.
 EnergyTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _SEPARATOR = "="
@@ -257,5 +277,46 @@ def ebt_energy(model: EBTForCausalLM) -> EnergyTerm:
                 "thinking model's block size and tokenizer"
             )
         return block_energy(input_ids, attention_mask)(probs, 0).to(probs.dtype)
+
+    return term
+
+
+def lm_prior(model: PreTrainedModel) -> EnergyTerm:
+    """A causal LM as a prior on the block: its cross-entropy with soft inputs, per position (B, m).
+
+    ``E_j = -sum_v p_j(v) log q_j(v)``, where q_j is ``model``'s next-token distribution after the
+    prompt and the candidate distributions of block positions 0..j-1, fed as expected embeddings
+    ``p_i @ embedding matrix`` (``inputs_embeds``). At a one-hot block this is the LM's ordinary
+    teacher-forced negative log-likelihood of those tokens; in between it is smooth, so a large
+    weight pulls the block towards text the LM finds likely. ``model`` is any transformers causal
+    LM that takes ``inputs_embeds`` and has ``get_input_embeddings()`` (e.g. the ``LlamaForCausalLM``
+    twin) with the thinking model's tokenizer (the vocabulary size is checked at each call, the
+    tokens cannot be). It runs in its own dtype, the energy in ``probs``' dtype.
+
+    The prompt is left-padded, so the positions are counted over real tokens (``position_ids`` =
+    cumulative mask - 1): a row scores the same alone or in a padded batch. One LM forward over
+    prompt + m - 1 block positions per call (the last block position is never an input); its
+    backward in the inner loop. A second derivative (training through thinking) needs an attention
+    with a double backward: torch's fused SDPA kernels (transformers' default ``sdpa``) have none,
+    so load the LM with ``attn_implementation="eager"`` for that.
+    """
+
+    def term(probs: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        bsz, m, vocab = probs.shape
+        embed = model.get_input_embeddings()
+        embeddings = embed.weight  # (V, D)
+        if embeddings.shape[0] != vocab:
+            raise ValueError(
+                f"lm_prior's LM has a vocabulary of {embeddings.shape[0]} tokens and the block's is {vocab}: the LM must "
+                "use the thinking model's tokenizer"
+            )
+        prompt = input_ids.shape[1]
+        block = probs[:, :-1].to(embeddings.dtype) @ embeddings  # (B, m - 1, D): expected embeddings
+        inputs = torch.cat((embed(input_ids), block), 1)
+        mask = torch.cat((attention_mask, attention_mask.new_ones(bsz, m - 1)), 1)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        log_q = torch.log_softmax(logits[:, prompt - 1 :].to(probs.dtype), -1)  # (B, m, V): predicts block 0..m-1
+        return -(probs * log_q).sum(-1)
 
     return term
