@@ -52,7 +52,17 @@ class EBTLM(HFLM):
         super().__init__(pretrained, **kwargs)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        """Logits (B, L, V) of a right-padded batch; padding follows the scored tokens, so it cannot affect them."""
+        """Logits (B, L, V) of a right-padded batch; padding follows the scored tokens, so it cannot affect them.
+
+        A joint-mode EBT has no next-token logits (it scores whole answer blocks), so log-likelihood
+        requests are refused rather than answered with misaligned numbers."""
+        if getattr(self.model.config, "joint_block_size", 0):
+            raise ValueError(
+                f"{self.model.config.name_or_path or 'this checkpoint'} is a joint-mode EBT (joint_block_size="
+                f"{self.model.config.joint_block_size}): it refines a whole answer block, not next tokens, so "
+                "log-likelihood tasks (ebt_*_mc, ebt_text_ppl) do not apply; evaluate it on the generative tasks "
+                "(tag ebt_reasoning) or with python -m eval reasoning."
+            )
         with (
             torch.no_grad(),
             torch.autocast(

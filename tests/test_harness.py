@@ -268,3 +268,17 @@ def test_generate_until_through_hf_and_ebt_equals_greedy_generate(checkpoint, te
             assert a["filtered_resps"] == [decided.split("\n")[0]]
         else:
             assert a["filtered_resps"][0].startswith(decided)
+
+
+def test_a_joint_mode_checkpoint_refuses_log_likelihood_requests(checkpoint, tmp_path):
+    """A joint-mode EBT returns one logit row per answer-block position, not per next token: the
+    ``ebt`` model must refuse log-likelihoods instead of scoring misaligned logits."""
+    from ebt import EBTForCausalLM
+
+    config = AutoModelForCausalLM.from_pretrained(checkpoint).config
+    config.joint_block_size = 4
+    EBTForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp_path)
+    lm = EBTLM(pretrained=str(tmp_path), batch_size=1)
+    with pytest.raises(ValueError, match="joint-mode EBT"):
+        lm._model_call(torch.zeros(1, 8, dtype=torch.long))
