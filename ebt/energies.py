@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ebt.modeling_ebt import EnergyTerm  # the one definition, next to think() that calls terms
 from ebt.tasks import TASK_NAMES
 
 if TYPE_CHECKING:
@@ -67,9 +68,6 @@ if TYPE_CHECKING:
     from ebt.modeling_ebt import EBTForCausalLM
 
 __all__ = ["TASKS_WITH_ENERGY", "EnergyTerm", "ebt_energy", "lm_prior", "sudoku_energy", "sorting_energy", "task_energy"]
-
-#: ``term(probs (B, m, V), input_ids (B, T), attention_mask (B, T)) -> (B,) or (B, m)``, see the module docstring.
-EnergyTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _SEPARATOR = "="
 _BLANK = "."
