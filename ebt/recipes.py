@@ -52,6 +52,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # in [2.5, 10], random 1-3 steps with small path noise, only the last step second order, and
     # deep supervision: 3 segments per batch, each continuing the previous one's detached result
     # and scored; one landscape (no step embeddings), so any step count meets the same energy.
+    # Thinking keeps only steps that lower a problem's energy (accept_decrease): on harder 4x4
+    # Sudoku it is as good or better at every step count past the trained one, for all three seeds
+    # (docs/reasoning.md), and longer thinking can then never raise the energy.
     "attractor": dict(
         update_rule="mirror",
         step_size=5.0,
@@ -66,6 +69,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         loss_on="last",
         step_embeddings=False,
         train_segments=3,
+        inference_accept_decrease=True,
     ),
 }
 
