@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call
 
 from ebt import EBTConfig, EBTForCausalLM
+from ebt.recipes import recipe
 from ebt.reference import plain_block_energy
 
 M = 4  # block size of the tiny joint model
@@ -182,6 +183,19 @@ def test_halting_and_best_of_n_are_decided_per_problem(tiny_config):
     summed = best.sample_energies.sum(-1)  # (S, B)
     chosen = summed.argmin(0)
     torch.testing.assert_close(best.energies[..., -1], best.sample_energies[chosen, torch.arange(4)], **F64)
+
+
+def test_attractor_checkpoints_keep_only_steps_that_lower_a_problems_energy(tiny_config):
+    """The attractor recipe thinks with accept_decrease by default: a problem's summed energy
+    never rises, however far a step overshoots (float64: 1e-9 as in the module docstring)."""
+    model = _joint(tiny_config, **recipe("attractor")).eval()
+    assert model.config.thinking_config.accept_decrease
+    prompt = _prompts(21, 4)
+    with torch.no_grad():
+        plain = model.think(prompt, steps=8, step_size=200.0, accept_decrease=False).energies.sum(1)  # (B, 9)
+        kept = model.think(prompt, steps=8, step_size=200.0).energies.sum(1)
+    assert (plain[:, 1:] > plain[:, :-1] + 1e-9).any(), "this step size never overshoots: test is void"
+    assert (kept[:, 1:] <= kept[:, :-1] + 1e-9).all(), kept
 
 
 def test_energy_terms_join_the_inner_loop(tiny_config):
