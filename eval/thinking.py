@@ -9,8 +9,11 @@ the same windows once: one forward per token, no knob to turn, so it is a flat l
 With ``--ood-data`` the same is done on a second text, and the per-window mean energy is scored
 as an out-of-distribution detector (AUROC, OOD = positive). For every setting the per-token
 energy/loss correlation is reported too (energy as uncertainty), for the raw final energy and for
-the energy relative to the uniform candidate on the same context (see ``eval.uncertainty``). All numbers go through the
-local ``evaluate`` modules in ``eval/metrics``; a JSON record and a PNG plot are written.
+the energy relative to the uniform candidate on the same context (see ``eval.uncertainty``). With
+``--rerank-top K`` the energy also acts as a verifier: the lowest-energy token among the K most
+likely ones against the argmax (top-1 accuracy of both; ``--steps 0 --init draft`` re-ranks the
+draft head's proposals). All numbers go through the local ``evaluate`` modules in ``eval/metrics``;
+a JSON record and a PNG plot are written.
 
     python -m eval thinking --model runs/shakespeare_char_ebt_s2/final \\
         --twin runs/shakespeare_char_llama/final --data data/tinyshakespeare.txt \\
@@ -56,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens scored per file (whole windows from its start)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward")
+    parser.add_argument(
+        "--rerank-top", type=int, default=0, metavar="K",
+        help="also re-rank the K most likely tokens of every prediction by energy (K more passes per token; 0 = off)",
+    )  # fmt: skip
     parser.add_argument("--output", default="results/thinking.json", help="JSON record; the plot goes beside it (.png)")
     add_thinking_arguments(parser, sweep=SWEEP, defaults={"steps": [1, 2, 3, 4, 6, 8, 12, 16], "samples": [1, 2, 4, 8]})
 
@@ -85,9 +92,11 @@ def windows(tokenizer: PreTrainedTokenizerBase, path: str, block: int, max_token
 # ------------------------------------------------------------------------------------ scoring
 
 
-def score_ebt(model: PreTrainedModel, data: torch.Tensor, batch_size: int, thinking: ThinkingConfig) -> dict:
+def score_ebt(
+    model: PreTrainedModel, data: torch.Tensor, batch_size: int, thinking: ThinkingConfig, rerank_top: int = 0
+) -> dict:
     """Per-token energy/NLL of every window under one thinking setting, plus its metrics."""
-    scores = [score_tokens(model, batch, thinking) for batch in data.split(batch_size)]
+    scores = [score_tokens(model, batch, thinking, rerank_top=rerank_top) for batch in data.split(batch_size)]
     energy = torch.cat([s.energy for s in scores])  # (N, block - 1)
     relative = torch.cat([s.relative_energy for s in scores])
     nll = torch.cat([s.nll for s in scores])
@@ -95,11 +104,19 @@ def score_ebt(model: PreTrainedModel, data: torch.Tensor, batch_size: int, think
     correlation = load_metric("energy_correlation")
     corr = correlation.compute(energy=energy.flatten().tolist(), loss=nll.flatten().tolist())
     corr_relative = correlation.compute(energy=relative.flatten().tolist(), loss=nll.flatten().tolist())
+    rerank = {}
+    if rerank_top > 0:
+        targets = data[:, 1:]
+        rerank = {
+            "argmax_accuracy": float((torch.cat([s.argmax for s in scores]) == targets).double().mean()),
+            "rerank_accuracy": float((torch.cat([s.reranked for s in scores]) == targets).double().mean()),
+        }
     return {
         "perplexity": ppl["perplexity"],
         "nll_per_token": ppl["nll_per_token"],
         "tokens": ppl["tokens"],
         "function_evaluations": scores[0].function_evaluations,
+        **rerank,
         "mean_steps_taken": float(torch.cat([s.steps_taken for s in scores]).double().mean()),
         "mean_energy": float(energy.double().mean()),
         "energy_loss_pearson": corr["pearson"],
@@ -205,6 +222,13 @@ def tables(record: dict) -> str:
         "spearman(E - E_unif, loss)",
     ]
     text = markdown_table(header, rows, right=range(1, 8))
+    if record["rerank_top"]:
+        rerank = [
+            [r["dataset"], r["steps"], r["samples"], f"{100 * r['argmax_accuracy']:.2f}", f"{100 * r['rerank_accuracy']:.2f}"]
+            for r in record["ebt"]
+        ]
+        text += f"\n\nTop-1 accuracy (%): argmax against the lowest energy among the top {record['rerank_top']}\n\n"
+        text += markdown_table(["dataset", "steps", "samples", "argmax", "energy re-ranked"], rerank, right=range(1, 5))
     if record["auroc"]:
         auroc = [
             [r["steps"], r["samples"], f"{r['auroc_energy']:.3f}", f"{r['auroc_relative_energy']:.3f}"]
@@ -225,6 +249,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--block-size {block}: windows must hold 2 to {context} tokens (the model's context)")
     if args.batch_size < 1 or args.max_tokens < block:
         raise UsageError("--batch-size must be >= 1 and --max-tokens at least one window (--block-size)")
+    if args.rerank_top < 0:
+        raise UsageError(f"--rerank-top {args.rerank_top}: give the number of tokens to re-rank (>= 1), or 0 for none")
     data = {"id": windows(tokenizer, args.data, block, args.max_tokens, args.val_fraction)}
     sources = {"id": {"path": args.data, "val_fraction": args.val_fraction}}
     if args.ood_data:
@@ -246,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
     for thinking in settings:
         steps, samples = thinking.steps, thinking.samples
         started = time.time()
-        per_data = {name: score_ebt(model, d, args.batch_size, thinking) for name, d in data.items()}
+        per_data = {name: score_ebt(model, d, args.batch_size, thinking, args.rerank_top) for name, d in data.items()}
         for name, result in per_data.items():
             rows.append(
                 {
@@ -272,6 +298,7 @@ def run(args: argparse.Namespace) -> dict:
         "ebt": rows,
         "twin": twin_scores,
         "auroc": auroc,
+        "rerank_top": args.rerank_top,
     }
 
 

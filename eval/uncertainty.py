@@ -11,6 +11,11 @@ Shakespeare S2 model the raw final energy is *anti*-correlated with loss). The o
 the *relative energy* E(x, p_final) - E(x, uniform): how far thinking got below an uninformed
 candidate on the same context, for one extra energy pass per token. Both are reported.
 
+Energy as a verifier (``rerank_top`` k): the k most likely tokens of the predicted distribution
+(with ``steps=0, init="draft"``: the draft head's top k) are scored as one-hot candidates and the
+lowest energy wins. If the energy ranks, that choice is right more often than the argmax; the
+offset f(x) is the same for all k candidates of a position, so raw energies compare fairly here.
+
 The statistics are written out in torch (ranks with ties averaged) so that this module needs
 nothing beyond the model's own dependencies; the tests check them against scipy/scikit-learn.
 """
@@ -40,6 +45,8 @@ class TokenScores:
     nll: torch.Tensor
     steps_taken: torch.Tensor
     function_evaluations: int
+    argmax: torch.Tensor | None = None
+    reranked: torch.Tensor | None = None
 
     @property
     def relative_energy(self) -> torch.Tensor:
@@ -47,26 +54,43 @@ class TokenScores:
         return self.energy - self.reference_energy
 
 
-def score_tokens(model, input_ids: torch.Tensor, thinking: ThinkingConfig | None = None, **settings) -> TokenScores:
+def score_tokens(
+    model, input_ids: torch.Tensor, thinking: ThinkingConfig | None = None, rerank_top: int = 0, **settings
+) -> TokenScores:
     """Think over ``input_ids`` (B, L) once and score every next token.
 
     ``thinking`` and ``settings`` (``ThinkingConfig`` field names, e.g. ``steps=4``) go to ``think()``.
+    ``rerank_top`` k > 0 also re-ranks the k most likely tokens by energy (k more passes per token).
     """
     with torch.no_grad():
         context = model.model.encode(input_ids)
         out = model.think(context=context, thinking=thinking, **settings)
         logits = out.logits[:, :-1]  # (B, L-1, V): the last position has no target
-        nll = F.cross_entropy(logits.flatten(0, 1).double(), input_ids[:, 1:].flatten(), reduction="none")
+        targets = input_ids[:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(), reduction="none")
         bsz, length = input_ids.shape
-        uniform = torch.full((bsz, length, model.config.vocab_size), 1.0 / model.config.vocab_size, device=input_ids.device)
+        vocab = model.config.vocab_size
+        query = torch.arange(length, device=input_ids.device)
         steps = out.energies.shape[-1] - 1  # the final energy is taken at this step index (step embeddings)
-        reference = model.model.energy(context, uniform, torch.arange(length, device=input_ids.device), step=steps)
+        energy_of = model.model.energy_function(context, query)
+        uniform = torch.full((bsz, length, vocab), 1.0 / vocab, device=input_ids.device)
+        reference = energy_of(uniform, steps)
+        argmax = reranked = None
+        if rerank_top > 0:
+            top = out.logits.topk(min(rerank_top, vocab), dim=-1).indices  # (B, L, k), best first
+            energies = torch.stack(
+                [energy_of(F.one_hot(top[..., j], vocab).to(uniform.dtype), steps) for j in range(top.shape[-1])], -1
+            )  # (B, L, k): one pass per one-hot candidate
+            argmax = top[:, :-1, 0]
+            reranked = top.gather(-1, energies.argmin(-1, keepdim=True))[:, :-1, 0]  # (B, L-1)
     return TokenScores(
         energy=out.energies[:, :-1, -1],
         reference_energy=reference[:, :-1],
-        nll=nll.view_as(input_ids[:, 1:]),
+        nll=nll.view_as(targets),
         steps_taken=out.steps_taken[:, :-1],
         function_evaluations=out.function_evaluations,
+        argmax=argmax,
+        reranked=reranked,
     )
 
 

@@ -11,12 +11,14 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import shared_data_file, tiny_ebt_config
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 from transformers import LlamaForCausalLM
 
 from ebt import RECIPES, EBTForCausalLM, ThinkingConfig, llama_twin_config
+from ebt.reference import plain_energy
 from eval.__main__ import main as eval_main
 from eval.metrics import load as load_metric
 from eval.uncertainty import auroc, pearson, score_tokens, spearman
@@ -202,6 +204,31 @@ def test_relative_energy_subtracts_the_uniform_candidates_energy_on_the_same_con
     torch.testing.assert_close(scores.relative_energy, scores.energy - reference[:, :-1])
 
 
+def test_rerank_picks_the_lowest_plain_energy_one_hot_among_the_top_k(model):
+    """The verifier's choice is recomputed with the doubled-sequence reference (none of the
+    cached-context code): one-hot candidates of the k most likely tokens, lowest energy wins."""
+    ids = _ids()
+    k, steps = 4, 2
+    scores = score_tokens(model, ids, steps=steps, rerank_top=k)
+    logits = model.think(ids, steps=steps).logits  # (B, L, V)
+    top = logits.topk(k, dim=-1).indices
+    with torch.no_grad():
+        energies = torch.stack(
+            [plain_energy(model, ids, F.one_hot(top[..., j], model.config.vocab_size).to(logits.dtype), step=steps)
+             for j in range(k)], -1,
+        )  # fmt: skip
+    expected = top.gather(-1, energies.argmin(-1, keepdim=True))[:, :-1, 0]
+    # Two float64 paths agree to ~1e-12 on energies of order 1: compare where the best candidate
+    # wins by more than 1e-9 (a near-tie may go either way on another CPU).
+    lowest = energies[:, :-1].sort(-1).values
+    clear = (lowest[..., 1] - lowest[..., 0]) > 1e-9
+    assert clear.float().mean() > 0.9
+    assert torch.equal(scores.argmax, logits[:, :-1].argmax(-1))
+    assert torch.equal(scores.reranked[clear], expected[clear])
+    assert not torch.equal(expected, scores.argmax), "an untrained energy should disagree with the argmax somewhere"
+    assert score_tokens(model, ids, steps=steps).reranked is None
+
+
 def test_energy_predicts_loss_on_held_out_text_after_training():
     """Trains a tiny EBT (S1-like recipe) for 60 steps on tiny Shakespeare, then checks on the
     held-out last 10% that per-token energy and loss are positively correlated: Spearman > 0.2
@@ -265,7 +292,7 @@ def test_eval_thinking_writes_the_curve_the_twin_line_json_and_plot(checkpoints,
     argv = [
         "thinking", "--model", str(checkpoints / "ebt"), "--twin", str(checkpoints / "llama"),
         "--data", str(checkpoints / "id.txt"), "--val-fraction", "0.5", "--ood-data", str(checkpoints / "ood.txt"),
-        "--steps", "1,3", "--samples", "1,2", "--max-tokens", "256", "--output", str(out),
+        "--steps", "1,3", "--samples", "1,2", "--max-tokens", "256", "--output", str(out), "--rerank-top", "3",
     ]  # fmt: skip
     assert eval_main(argv) == 0
     record = json.loads(out.read_text())
@@ -291,8 +318,12 @@ def test_eval_thinking_writes_the_curve_the_twin_line_json_and_plot(checkpoints,
     row = next(r for r in record["ebt"] if (r["dataset"], r["steps"], r["samples"]) == ("id", 3, 2))
     assert row["perplexity"] == pytest.approx(math.exp(expected.nll.mean()), rel=1e-5)
     assert row["relative_energy_loss_spearman"] == pytest.approx(spearman(expected.relative_energy, expected.nll), abs=1e-6)
+    reranked = score_tokens(ebt, ids, steps=3, samples=2, rerank_top=3)
+    assert row["argmax_accuracy"] == pytest.approx(float((reranked.argmax == ids[:, 1:]).double().mean()))
+    assert row["rerank_accuracy"] == pytest.approx(float((reranked.reranked == ids[:, 1:]).double().mean()))
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Transformer++ twin" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Transformer++ twin" in printed and "lowest energy among the top 3" in printed
 
 
 @pytest.mark.parametrize(
