@@ -254,6 +254,12 @@ class EBTConfig(PreTrainedConfig):
     # corrupted answers (positions given other positions' true tokens).
     contrastive_weight: float = 0.0
     contrastive_negatives: int = 8
+    # Energies that verify: the energy of the final candidates regresses (squared error, weight
+    # calibration_weight) onto their cross-entropy, so the raw energy estimates the loss of what
+    # thinking settles on. Training otherwise uses only dE/dp and leaves the energy's per-context
+    # offset free; this pins it. The minimiser of an energy equal to the expected cross-entropy
+    # is the true next-token distribution, so the term agrees with descent.
+    calibration_weight: float = 0.0
     # Joint continuation (reasoning): 0 = autoregressive, one candidate per next token. m > 0 =
     # a block of m candidates after the prompt (the answer, then EOS padding), each attending to
     # the whole prompt and to every candidate of the block, refined together: one energy per
@@ -317,6 +323,7 @@ class EBTConfig(PreTrainedConfig):
             "kl_weight",
             "draft_loss_weight",
             "contrastive_weight",
+            "calibration_weight",
         ):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "must be a finite number >= 0")

@@ -77,7 +77,8 @@ class EBTCausalLMOutput(ModelOutput):
     final_loss: training only: the (detached) cross-entropy of the final candidates, while
         ``loss`` is the recipe's objective; in evaluation ``loss`` is that cross-entropy.
     draft_logits, draft_loss: training with a draft head: its proposals (B, L, V) and their
-        cross-entropy (both detached). contrastive_loss: training with ``contrastive_weight``.
+        cross-entropy (both detached). contrastive_loss: training with ``contrastive_weight``;
+        calibration_loss: with ``calibration_weight`` (the energy against the cross-entropy).
     """
 
     loss: torch.FloatTensor | None = None
@@ -89,6 +90,7 @@ class EBTCausalLMOutput(ModelOutput):
     draft_logits: torch.FloatTensor | None = None
     draft_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
+    calibration_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -990,7 +992,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             energies.append(result["energies"].detach())
             if losses is not None:
                 objectives.append(losses.mean() if cfg.loss_on == "all" else losses[-1])
-        draft_loss = contrastive = None
+        draft_loss = contrastive = calibration = None
+        final_step = int(result["steps_taken"].max())  # the step index of the final energy (step embeddings)
         objective = torch.stack(objectives).mean() if objectives else None
         if losses is not None:
             if draft is not None:
@@ -998,8 +1001,11 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 objective = objective + cfg.draft_loss_weight * draft_loss
             if cfg.contrastive_weight > 0:
                 shaping = self._block_contrastive_loss if joint else self._contrastive_loss
-                contrastive = shaping(energy_fn, result["z"].detach(), targets, int(result["steps_taken"].max()))
+                contrastive = shaping(energy_fn, result["z"].detach(), targets, final_step)
                 objective = objective + cfg.contrastive_weight * contrastive
+            if cfg.calibration_weight > 0:
+                calibration = self._calibration_loss(energy_fn, result["z"].detach(), targets, final_step)
+                objective = objective + cfg.calibration_weight * calibration
         return EBTCausalLMOutput(
             loss=objective,
             final_loss=None if losses is None else losses[-1].detach(),
@@ -1010,7 +1016,17 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             draft_logits=None if draft is None else draft.detach(),
             draft_loss=None if draft_loss is None else draft_loss.detach(),
             contrastive_loss=None if contrastive is None else contrastive.detach(),
+            calibration_loss=None if calibration is None else calibration.detach(),
         )
+
+    def _calibration_loss(self, energy_fn, z: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
+        """Mean squared error between the energies (B, n) of the final candidates ``z`` (B, n, V)
+        and their per-position cross-entropy against ``targets`` (B, n) (-100 = ignore): the
+        energy learns to estimate the loss of the candidate it is given."""
+        energy = energy_fn(torch.softmax(z, dim=-1), step)  # (B, n)
+        nll = F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view_as(targets)
+        scored = targets >= 0
+        return F.mse_loss(energy[scored], nll[scored])
 
     def _contrastive_loss(self, energy_fn, z: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
         """Cross-entropy of the true token among wrong ones, scored by the energies (lower = more
@@ -1069,7 +1085,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         metrics["energy_drop"] = sum(float((o.energies[..., 0] - o.energies[..., -1]).mean()) for o in outputs) / len(outputs)
         if outputs[-1].step_losses is not None:
             metrics.update({f"step_loss_{i + 1}": float(v) for i, v in enumerate(outputs[-1].step_losses)})
-        for name in ("draft_loss", "contrastive_loss"):
+        for name in ("draft_loss", "contrastive_loss", "calibration_loss"):
             if getattr(outputs[-1], name) is not None:
                 metrics[name] = sum(float(getattr(o, name)) for o in outputs) / len(outputs)
         return metrics
