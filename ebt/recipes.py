@@ -47,6 +47,32 @@ RECIPES: dict[str, dict[str, Any]] = {
         loss_on="last",
         step_embeddings=False,
     ),
+    # Draft (text): a draft head (an LM head on the context stream with one own SwiGLU block,
+    # trained with next-token cross-entropy) proposes the candidates; damped mirror steps
+    # z <- (1 - alpha t) z + alpha t z_draft - alpha dE/dp with alpha 2, t 0.45 (a 0.9 pull towards
+    # the draft per step) converge in 1-2 steps to z_draft - dE/dp / t, the draft corrected by the
+    # energy. Random 1-4 steps from the draft plus noise, only the last step second order, loss on
+    # the last step, one landscape. Thinking starts from the draft (steps=0 is the draft alone),
+    # and past the trained count it stays at that fixed point (docs/thinking.md).
+    "draft": dict(
+        update_rule="mirror",
+        step_size=2.0,
+        step_size_learnable=False,
+        step_size_lr_multiplier=1500.0,
+        step_size_random_scale=1.0,
+        train_steps=1,
+        train_steps_max=4,
+        langevin_noise=0.0,
+        detach_between_steps=False,
+        second_order="last",
+        loss_on="last",
+        step_embeddings=False,
+        init_noise_scale=0.5,
+        kl_weight=0.45,
+        draft_head=True,
+        draft_layers=1,
+        inference_init="draft",
+    ),
     # Attractor (joint mode, reasoning): answers as attractors of the descent, so that thinking past
     # the trained count keeps (or reaches) them. Mirror steps z <- z - alpha dE/dp with alpha 5 drawn
     # in [2.5, 10], random 1-3 steps with small path noise, only the last step second order, and

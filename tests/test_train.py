@@ -1,5 +1,6 @@
 """The training loop in-process: config schema, optimiser groups, schedule, export, failure policy."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -28,11 +29,30 @@ def test_shipped_tiny_config_is_the_default():
 
 
 @pytest.mark.parametrize(
-    "name", ["shakespeare_char_ebt_s1", "shakespeare_char_ebt_s2", "shakespeare_char_llama", "xxs_fineweb"]
+    "name",
+    ["shakespeare_char_ebt", "shakespeare_char_ebt_s1", "shakespeare_char_ebt_s2", "shakespeare_char_llama", "xxs_fineweb"],
 )
 def test_shipped_configs_parse(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.data.block_size <= cfg.model.max_position_embeddings
+
+
+def test_default_text_recipe_and_its_twin_differ_only_in_the_model():
+    """configs/shakespeare_char_ebt.yaml and configs/shakespeare_char_llama.yaml see the same data,
+    sizes, schedule and tokens: only the model kind, the recipe, the run folder and the EBT's
+    validation step counts differ."""
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    energy = flat(dataclasses.asdict(load_config(REPO / "configs" / "shakespeare_char_ebt.yaml")))
+    twin = flat(dataclasses.asdict(load_config(REPO / "configs" / "shakespeare_char_llama.yaml")))
+    differing = {k for k in energy if energy[k] != twin[k]}
+    assert differing == {"output_dir", "model.kind", "model.recipe", "eval.think_steps"}
+    assert (energy["model.kind"], energy["model.recipe"]) == ("ebt", "draft")
 
 
 def test_overrides_are_typed_and_unknown_keys_listed():
