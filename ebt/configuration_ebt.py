@@ -260,6 +260,11 @@ class EBTConfig(PreTrainedConfig):
     # offset free; this pins it. The minimiser of an energy equal to the expected cross-entropy
     # is the true next-token distribution, so the term agrees with descent.
     calibration_weight: float = 0.0
+    # With calibration_offset the energy gains a context-only term c(x) (a linear head on the
+    # context stream's detached final features), E = g(x, p) + c(x), and the calibration loss fits
+    # only c (to the cross-entropy minus the detached g): the energy's value becomes a loss
+    # estimate while its gradient, all that thinking uses, is left exactly as training made it.
+    calibration_offset: bool = False
     # Joint continuation (reasoning): 0 = autoregressive, one candidate per next token. m > 0 =
     # a block of m candidates after the prompt (the answer, then EOS padding), each attending to
     # the whole prompt and to every candidate of the block, refined together: one energy per
@@ -347,6 +352,11 @@ class EBTConfig(PreTrainedConfig):
             )
         if self.joint_block_size and self.draft_head:
             raise bad("joint_block_size", "the joint mode has no draft head: set draft_head=False")
+        if self.calibration_offset and (self.joint_block_size or self.calibration_weight <= 0):
+            raise bad(
+                "calibration_offset",
+                "needs the autoregressive mode (joint_block_size=0) and calibration_weight > 0 (what trains the offset)",
+            )
         if self.contrastive_weight > 0 and not (
             _is_int(self.contrastive_negatives)
             and 1 <= self.contrastive_negatives

@@ -128,7 +128,9 @@ class EBTContext:
     keys[l], values[l]: (B, H, T, Dh). key_valid: (B, T) False at padding. positions: (B, T)
     RoPE position of each token (padding-aware, so left-padded batches match unpadded samples).
     draft_logits: (B, n, V) the draft head's proposals for the tokens of the latest ``encode``
-    call, which start at index ``draft_offset`` (None without a draft head).
+    call, which start at index ``draft_offset`` (None without a draft head). energy_offsets:
+    (B, n) the energy's context-only term for the same tokens (None without
+    ``calibration_offset``).
     """
 
     keys: list[torch.Tensor]
@@ -137,6 +139,7 @@ class EBTContext:
     positions: torch.Tensor
     draft_logits: torch.Tensor | None = None
     draft_offset: int = 0
+    energy_offsets: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -157,6 +160,7 @@ class EBTContext:
             positions=self.positions.repeat(n, 1),
             draft_logits=None if self.draft_logits is None else self.draft_logits.repeat(n, 1, 1),
             draft_offset=self.draft_offset,
+            energy_offsets=None if self.energy_offsets is None else self.energy_offsets.repeat(n, 1),
         )
 
     def draft(self, query_index: torch.Tensor) -> torch.Tensor:
@@ -167,6 +171,15 @@ class EBTContext:
         if bool((local < 0).any()):
             raise ValueError("the draft covers only the tokens of the latest encode() call; re-encode the context.")
         return self.draft_logits[:, local]
+
+    def offsets(self, query_index: torch.Tensor) -> torch.Tensor | None:
+        """The energy's context-only term (B, Lc) after the context indices ``query_index`` (None without one)."""
+        if self.energy_offsets is None:
+            return None
+        local = query_index - self.draft_offset
+        if bool((local < 0).any()):
+            raise ValueError("the energy offsets cover only the tokens of the latest encode() call; re-encode the context.")
+        return self.energy_offsets[:, local]
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +339,18 @@ class EBTDraftHead(nn.Module):
         return _at_least_fp32(self.lm_head(self.norm(h)))
 
 
+class EBTEnergyOffset(nn.Linear):
+    """The energy's context-only term c(x): a linear map of the context stream's final features.
+
+    Zero-initialised without drawing random numbers, so adding it changes nothing else in a
+    seeded model (and, as its loss reaches no other parameter, nothing else in its training).
+    """
+
+    def __init__(self, hidden_size: int):
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(hidden_size, 1)
+
+
 class EBTDecoderLayer(nn.Module):
     def __init__(self, config: EBTConfig):
         super().__init__()
@@ -362,6 +387,10 @@ class EBTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, EBTEnergyOffset):  # zeros, drawing nothing: the rest of a seed's init is unchanged
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, EBTForCausalLM):
             init.constant_(module.alpha, self.config.step_size)
@@ -383,6 +412,9 @@ class EBTModel(EBTPreTrainedModel):
         self.step_embed = nn.Embedding(config.max_train_steps, config.hidden_size) if config.step_embeddings else None
         self.energy_head = nn.Linear(config.hidden_size, 1, bias=False)
         self.draft = EBTDraftHead(config) if config.draft_head else None
+        # Context-only energy term c(x) (calibration_offset): no gradient w.r.t. the candidates, so
+        # thinking never sees it; trained only by the calibration loss, on detached features.
+        self.energy_offset = EBTEnergyOffset(config.hidden_size) if config.calibration_offset else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -457,13 +489,19 @@ class EBTModel(EBTPreTrainedModel):
                 k, v = k.contiguous(), v.contiguous()
             keys.append(k)
             values.append(v)
-            if i == len(self.layers) - 1 and self.draft is None:
-                break  # the last layer's output is needed only by a draft head
+            if i == len(self.layers) - 1 and self.draft is None and self.energy_offset is None:
+                break  # the last layer's output is needed only by a draft head or an energy offset
             h = h + layer.self_attn.observed(q, k, v, mask)
             h = layer.feed_forward(h, gate_up_weight)
         positions = positions_new if past is None else torch.cat((past.positions, positions_new), 1)
         draft = None if self.draft is None else self.draft(h)
-        return EBTContext(keys, values, key_valid, positions, draft_logits=draft, draft_offset=t_past)
+        offsets = None if self.energy_offset is None else self.context_offsets(h)
+        return EBTContext(keys, values, key_valid, positions, draft, draft_offset=t_past, energy_offsets=offsets)
+
+    def context_offsets(self, h: torch.Tensor) -> torch.Tensor:
+        """The energy offset (B, n) from the context stream's final hidden states ``h`` (B, n, D),
+        detached: fitting the offset must not move the features the energy's gradient uses."""
+        return _at_least_fp32(self.energy_offset(self.norm(h).detach())[..., 0])
 
     def energy_function(self, context: EBTContext, query_index: torch.Tensor):
         """The energy ``E(probs, step) -> (B, Lc)`` of candidate distributions ``probs`` (B, Lc, V).
@@ -476,7 +514,11 @@ class EBTModel(EBTPreTrainedModel):
         positions = context.positions[:, query_index] + 1  # (B, Lc)
         k_index = torch.arange(context.length, device=context.key_valid.device)
         visible = (k_index[None, :] <= query_index[:, None])[None] & context.key_valid[:, None, :]  # (B, Lc, T)
-        return self._candidate_energy(context, positions, visible, joint=False)
+        energy = self._candidate_energy(context, positions, visible, joint=False)
+        offsets = context.offsets(query_index)
+        if offsets is None:
+            return energy
+        return lambda probs, step=0: energy(probs, step) + offsets
 
     def block_energy_function(self, context: EBTContext, size: int):
         """The joint mode's energy ``E(probs, step) -> (B, size)`` of a block ``probs`` (B, size, V).
@@ -954,7 +996,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
         bsz, length = prompt.shape
         n = cfg.joint_block_size if joint else length  # candidate positions per row
         context = None
-        if energy_fn is None or self.model.draft is not None:
+        if energy_fn is None or self.model.draft is not None or self.model.energy_offset is not None:
             context = self.model.encode(prompt, prompt_mask)
         if energy_fn is None and joint:
             energy_fn = self.model.block_energy_function(context, n)
@@ -1004,7 +1046,8 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
                 contrastive = shaping(energy_fn, result["z"].detach(), targets, final_step)
                 objective = objective + cfg.contrastive_weight * contrastive
             if cfg.calibration_weight > 0:
-                calibration = self._calibration_loss(energy_fn, result["z"].detach(), targets, final_step)
+                offsets = None if context is None else context.energy_offsets  # (B, L): the queries are 0..L-1
+                calibration = self._calibration_loss(energy_fn, result["z"].detach(), targets, final_step, offsets)
                 objective = objective + cfg.calibration_weight * calibration
         return EBTCausalLMOutput(
             loss=objective,
@@ -1019,11 +1062,16 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             calibration_loss=None if calibration is None else calibration.detach(),
         )
 
-    def _calibration_loss(self, energy_fn, z: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
+    def _calibration_loss(
+        self, energy_fn, z: torch.Tensor, targets: torch.Tensor, step: int, offsets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean squared error between the energies (B, n) of the final candidates ``z`` (B, n, V)
         and their per-position cross-entropy against ``targets`` (B, n) (-100 = ignore): the
-        energy learns to estimate the loss of the candidate it is given."""
+        energy learns to estimate the loss of the candidate it is given. With ``offsets`` (B, n),
+        the energy's context-only term, only that term learns (the rest is detached)."""
         energy = energy_fn(torch.softmax(z, dim=-1), step)  # (B, n)
+        if offsets is not None:
+            energy = (energy - offsets).detach() + offsets
         nll = F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view_as(targets)
         scored = targets >= 0
         return F.mse_loss(energy[scored], nll[scored])

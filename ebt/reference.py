@@ -41,7 +41,12 @@ def plain_energy(model: EBTForCausalLM, input_ids: torch.Tensor, probs: torch.Te
     pos = torch.arange(length, device=input_ids.device)
     positions = torch.cat((pos, pos + 1))[None].expand(bsz, -1)  # candidate i sits at i + 1
     mask = doubled_mask(length, input_ids.device)
-    return _plain_layers(model, input_ids, probs, positions, mask, step)[:, length:]
+    energies, hidden = _plain_layers(model, input_ids, probs, positions, mask, step)
+    offset = model.model.energy_offset
+    if offset is None:
+        return energies[:, length:]
+    # the context-only term: candidate i's context ends at observed token i
+    return energies[:, length:] + _at_least_fp32(offset(model.model.norm(hidden[:, :length]))[..., 0])
 
 
 def _plain_layers(
@@ -51,10 +56,11 @@ def _plain_layers(
     positions: torch.Tensor,
     mask: torch.Tensor,
     step: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position energies (B, T + Lc) of tokens ``input_ids`` (B, T) followed by candidates
     ``probs`` (B, Lc, V), at RoPE ``positions`` (B, T + Lc), under the boolean ``mask`` (True =
-    may attend; (T + Lc, T + Lc) or (B, 1, T + Lc, T + Lc)): every layer written out."""
+    may attend; (T + Lc, T + Lc) or (B, 1, T + Lc, T + Lc)): every layer written out. Also the
+    final hidden states (B, T + Lc, D)."""
     base = model.model
     cfg = model.config
     bsz = input_ids.shape[0]
@@ -88,7 +94,7 @@ def _plain_layers(
         h = h + attn.o_proj(out)
         mlp, x = layer.mlp, layer.post_attention_layernorm(h)
         h = h + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-    return _at_least_fp32(base.energy_head(base.norm(h))[..., 0])
+    return _at_least_fp32(base.energy_head(base.norm(h))[..., 0]), h
 
 
 def plain_forward(
@@ -122,4 +128,4 @@ def plain_block_energy(
     causal = (idx[None, :] <= idx[:, None]) & (idx[None, :] < length)  # prompt keys up to the query
     block_rows = (idx[:, None] >= length) & (idx[None, :] >= length)  # the block sees the whole block
     mask = ((causal[None] & key_ok[:, None, :]) | block_rows[None] | torch.eye(total, dtype=torch.bool)[None])[:, None]
-    return _plain_layers(model, prompt_ids, probs, positions, mask, step)[:, length:]
+    return _plain_layers(model, prompt_ids, probs, positions, mask, step)[0][:, length:]

@@ -35,6 +35,7 @@ RECIPES = {
         contrastive_weight=0.5,
         contrastive_negatives=4,
         calibration_weight=0.5,
+        calibration_offset=True,
     ),
 }
 
@@ -403,6 +404,40 @@ def test_calibration_term_fits_the_energy_to_the_candidates_cross_entropy(tiny_c
         loss().backward()
         opt.step()
     assert float(loss()) < 0.5 * float(first), (float(first), float(loss()))
+
+
+def test_calibration_offset_learns_the_energys_value_and_leaves_thinking_unchanged(tiny_config):
+    """With calibration_offset, the calibration loss trains only the context-only offset head: no
+    other parameter gets a gradient, so after steps on it the candidates' energy gradients (what
+    thinking follows) are exactly as before, while the energy's value moves towards the loss."""
+    model = _model(tiny_config(calibration_weight=1.0, calibration_offset=True), torch.float64).train()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (4, 8), generator=gen)
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    z = 2 * torch.randn(4, 8, 11, generator=gen, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        context = model.model.encode(ids)
+        energy = model.model.energy_function(context, torch.arange(8))
+        return model._calibration_loss(energy, z, targets, 1, context.energy_offsets)
+
+    def thinking() -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval().think(ids, steps=3).logits
+
+    before, first = thinking(), loss()
+    model.train()
+    first.backward()
+    learning = {name for name, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+    assert learning == {"model.energy_offset.weight", "model.energy_offset.bias"}
+    opt = torch.optim.Adam(model.model.energy_offset.parameters(), lr=0.1)
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    last = float(loss().detach())
+    assert last < 0.5 * float(first.detach()), (float(first.detach()), last)
+    torch.testing.assert_close(thinking(), before, rtol=0, atol=0)
 
 
 def test_contrastive_term_pushes_wrong_tokens_up_and_the_true_token_down(tiny_config):
