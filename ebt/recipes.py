@@ -53,7 +53,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the draft per step) converge in 1-2 steps to z_draft - dE/dp / t, the draft corrected by the
     # energy. Random 1-4 steps from the draft plus noise, only the last step second order, loss on
     # the last step, one landscape. Thinking starts from the draft (steps=0 is the draft alone),
-    # and past the trained count it stays at that fixed point (docs/thinking.md).
+    # and past the trained count it stays at that fixed point (docs/thinking.md). One step is the
+    # default: on tiny Shakespeare (6 runs) it is the best count or within 0.2% of it.
     "draft": dict(
         update_rule="mirror",
         step_size=2.0,
@@ -72,6 +73,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         draft_head=True,
         draft_layers=1,
         inference_init="draft",
+        inference_steps=1,
     ),
     # Attractor (joint mode, reasoning): answers as attractors of the descent, so that thinking past
     # the trained count keeps (or reaches) them. Mirror steps z <- z - alpha dE/dp with alpha 5 drawn

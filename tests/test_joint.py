@@ -280,6 +280,8 @@ def test_joint_checkpoint_round_trip(tiny_config, tmp_path, block):
         (dict(joint_block_size=32), "max_position_embeddings"),
         (dict(joint_block_size=4, draft_head=True), "no draft head"),
         (dict(train_segments=0), "train_segments"),
+        (dict(joint_block_size=4, calibration_weight=1.0, calibration_offset=True), "calibration_offset.*autoregressive"),
+        (dict(calibration_offset=True), "calibration_weight > 0"),
     ],
 )
 def test_invalid_joint_settings_fail_clearly(fields, message):

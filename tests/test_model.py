@@ -243,6 +243,7 @@ def test_unknown_forward_argument_is_rejected(tiny_config):
         ("kl_weight", 0.1),
         ("inference_init", "draft"),
         ("draft_layers", -1),
+        ("calibration_weight", -0.1),
         ("step_size", float("nan")),
         ("step_size", "1e30"),
     ],
