@@ -342,8 +342,8 @@ class EBTDraftHead(nn.Module):
 class EBTEnergyOffset(nn.Linear):
     """The energy's context-only term c(x): a linear map of the context stream's final features.
 
-    Zero-initialised without drawing random numbers, so adding it changes nothing else in a
-    seeded model (and, as its loss reaches no other parameter, nothing else in its training).
+    Zero-initialised without drawing random numbers, so adding it changes no other initial weight
+    of a seeded model; its loss reaches no other parameter (only gradient-norm clipping sees it).
     """
 
     def __init__(self, hidden_size: int):
