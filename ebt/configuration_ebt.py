@@ -257,8 +257,9 @@ class EBTConfig(PreTrainedConfig):
     # Energies that verify: the energy of the final candidates regresses (squared error, weight
     # calibration_weight) onto their cross-entropy, so the raw energy estimates the loss of what
     # thinking settles on. Training otherwise uses only dE/dp and leaves the energy's per-context
-    # offset free; this pins it. The minimiser of an energy equal to the expected cross-entropy
-    # is the true next-token distribution, so the term agrees with descent.
+    # offset free; this pins it. In principle it agrees with descent (an energy equal to the
+    # expected cross-entropy is minimised by the true next-token distribution); measured on the
+    # whole energy it costs perplexity, so the draft recipe fits only an offset (next field).
     calibration_weight: float = 0.0
     # With calibration_offset the energy gains a context-only term c(x) (a linear head on the
     # context stream's detached final features), E = g(x, p) + c(x), and the calibration loss fits
