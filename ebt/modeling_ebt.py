@@ -167,19 +167,20 @@ class EBTContext:
         """The draft head's logits (B, Lc, V) after the context indices ``query_index``."""
         if self.draft_logits is None:
             raise ValueError("init='draft' needs a model with a draft head (EBTConfig.draft_head=True).")
-        local = query_index - self.draft_offset
-        if bool((local < 0).any()):
-            raise ValueError("the draft covers only the tokens of the latest encode() call; re-encode the context.")
-        return self.draft_logits[:, local]
+        return self.draft_logits[:, self._latest(query_index, "the draft")]
 
     def offsets(self, query_index: torch.Tensor) -> torch.Tensor | None:
         """The energy's context-only term (B, Lc) after the context indices ``query_index`` (None without one)."""
         if self.energy_offsets is None:
             return None
+        return self.energy_offsets[:, self._latest(query_index, "the energy offsets")]
+
+    def _latest(self, query_index: torch.Tensor, what: str) -> torch.Tensor:
+        """``query_index`` as indices into the latest ``encode`` call's tokens (what the draft and offsets cover)."""
         local = query_index - self.draft_offset
         if bool((local < 0).any()):
-            raise ValueError("the energy offsets cover only the tokens of the latest encode() call; re-encode the context.")
-        return self.energy_offsets[:, local]
+            raise ValueError(f"{what}: only the tokens of the latest encode() call are covered; re-encode the context.")
+        return local
 
 
 # --------------------------------------------------------------------------------------------
