@@ -42,11 +42,10 @@ def plain_energy(model: EBTForCausalLM, input_ids: torch.Tensor, probs: torch.Te
     positions = torch.cat((pos, pos + 1))[None].expand(bsz, -1)  # candidate i sits at i + 1
     mask = doubled_mask(length, input_ids.device)
     energies, hidden = _plain_layers(model, input_ids, probs, positions, mask, step)
-    offset = model.model.energy_offset
-    if offset is None:
+    if model.model.energy_offset is None:
         return energies[:, length:]
     # the context-only term: candidate i's context ends at observed token i
-    return energies[:, length:] + _at_least_fp32(offset(model.model.norm(hidden[:, :length]))[..., 0])
+    return energies[:, length:] + model.model.context_offsets(hidden[:, :length])
 
 
 def _plain_layers(
