@@ -271,6 +271,12 @@ class EBTConfig(PreTrainedConfig):
     # the whole prompt and to every candidate of the block, refined together: one energy per
     # problem (the sum over the block). Training rows end with the block (data.answer_block).
     joint_block_size: int = 0
+    # Where the block sits (RoPE positions). None: slot j right after the context, at (last context
+    # position + 1 + j). An integer k: slot j at position k + j counted from the context's first
+    # token whatever its length, so a slot's position says where it is in the answer, and which
+    # prompt token sits beside it, not how far the prompt's end is (sorting: k = 1 puts answer
+    # slot j beside the j-th prompt digit, so "is there a digit beside me" decides digit or EOS).
+    joint_block_start: int | None = None
     # Deep supervision: the inner loop runs train_segments times per batch, each segment starting
     # from the previous segment's detached final candidates, with a loss at every segment, so the
     # answer becomes an attractor that longer inference keeps (or reaches).
@@ -350,6 +356,16 @@ class EBTConfig(PreTrainedConfig):
             raise bad(
                 "joint_block_size",
                 f"must be 0 (autoregressive) or an integer in [1, max_position_embeddings={self.max_position_embeddings})",
+            )
+        if self.joint_block_start is not None and not (
+            self.joint_block_size
+            and _is_int(self.joint_block_start)
+            and 0 <= self.joint_block_start <= self.max_position_embeddings - self.joint_block_size
+        ):
+            raise bad(
+                "joint_block_start",
+                "must be None (the block after the context) or, in the joint mode (joint_block_size > 0), an integer "
+                f"in [0, max_position_embeddings - joint_block_size = {self.max_position_embeddings - self.joint_block_size}]",
             )
         if self.joint_block_size and self.draft_head:
             raise bad("joint_block_size", "the joint mode has no draft head: set draft_head=False")

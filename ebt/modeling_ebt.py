@@ -524,13 +524,22 @@ class EBTModel(EBTPreTrainedModel):
     def block_energy_function(self, context: EBTContext, size: int):
         """The joint mode's energy ``E(probs, step) -> (B, size)`` of a block ``probs`` (B, size, V).
 
-        The block continues the whole context: candidate j sits at RoPE position (last token's
-        position + 1 + j), sees every (non-padding) context key and every candidate of the block.
-        The energy of a problem is the sum over its block; per-position values are returned so
-        that the caller can weight or mask positions.
+        The block continues the whole context: candidate j sits at :meth:`block_positions`, sees
+        every (non-padding) context key and every candidate of the block. The energy of a problem
+        is the sum over its block; per-position values are returned so that the caller can weight
+        or mask positions.
         """
-        positions = context.positions[:, -1:] + 1 + torch.arange(size, device=context.key_valid.device)  # (B, size)
+        positions = self.block_positions(context, size)
         return self._candidate_energy(context, positions, context.key_valid[:, None, :], joint=True)
+
+    def block_positions(self, context: EBTContext, size: int) -> torch.Tensor:
+        """RoPE positions (B, size) of a joint block: (last context position + 1 + j), or with
+        ``config.joint_block_start`` k, k + j whatever the context's length."""
+        offsets = torch.arange(size, device=context.key_valid.device)
+        start = self.config.joint_block_start
+        if start is None:
+            return context.positions[:, -1:] + 1 + offsets
+        return (start + offsets)[None].expand(context.batch_size, -1)
 
     def _candidate_energy(self, context: EBTContext, positions: torch.Tensor, visible: torch.Tensor, joint: bool):
         """The energy closure shared by both modes; ``visible`` (B, Lc or 1, T): observed keys a candidate sees."""
@@ -825,7 +834,7 @@ class EBTForCausalLM(EBTPreTrainedModel, EBTGenerationMixin, GenerationMixin):
             device = context.key_valid.device
             if joint:
                 n = cfg.joint_block_size
-                positions = context.positions[:, -1:] + 1 + torch.arange(n, device=device)  # (B, m)
+                positions = self.model.block_positions(context, n)  # (B, m)
                 energy_fn = self.model.block_energy_function(context.repeat(samples), n)
                 targets = labels
             else:

@@ -115,12 +115,15 @@ def plain_block_energy(
     (B, P), from one sequence (prompt then block, P + m) and one boolean mask: prompt tokens see
     earlier non-padding tokens (and themselves), the block sees every non-padding prompt token
     and the whole block. Positions: prompt tokens count non-padding tokens, block j sits at
-    (last prompt position + 1 + j)."""
+    (last prompt position + 1 + j), or at (joint_block_start + j) where the config sets it."""
     bsz, length = prompt_ids.shape
     m = probs.shape[1]
     valid = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompt_pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    positions = torch.cat((prompt_pos, prompt_pos[:, -1:] + 1 + torch.arange(m, device=prompt_ids.device)), 1)
+    slots = torch.arange(m, device=prompt_ids.device)
+    start = model.config.joint_block_start
+    block_pos = prompt_pos[:, -1:] + 1 + slots if start is None else (start + slots)[None].expand(bsz, -1)
+    positions = torch.cat((prompt_pos, block_pos), 1)
     total = length + m
     idx = torch.arange(total, device=prompt_ids.device)
     key_ok = torch.cat((valid, torch.ones(bsz, m, dtype=torch.bool, device=valid.device)), 1)  # (B, P + m)

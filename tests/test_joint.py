@@ -71,8 +71,9 @@ def test_the_answer_ids_in_a_row_never_reach_the_prediction(tiny_config):
     assert torch.equal(a.logits, b.logits)
 
 
-def test_padding_ids_do_not_matter_and_a_problem_is_the_same_alone_or_in_a_batch(tiny_config):
-    model = _joint(tiny_config).eval()
+@pytest.mark.parametrize("start", [None, 1])
+def test_padding_ids_do_not_matter_and_a_problem_is_the_same_alone_or_in_a_batch(tiny_config, start):
+    model = _joint(tiny_config, joint_block_start=start).eval()
     short, long = _prompts(4, 1, 3), _prompts(5, 1, 6)
     batch = torch.cat((torch.cat((torch.full((1, 3), 7), short), 1), long))
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
@@ -89,8 +90,11 @@ def test_padding_ids_do_not_matter_and_a_problem_is_the_same_alone_or_in_a_batch
 # ------------------------------------------------------------------ reference and gradients
 
 
-def test_cached_block_energy_and_training_step_equal_the_plain_reference(tiny_config):
-    model = _joint(tiny_config, train_segments=2, langevin_noise=0.5).train()
+@pytest.mark.parametrize("start", [None, 1])
+def test_cached_block_energy_and_training_step_equal_the_plain_reference(tiny_config, start):
+    """Also with the block placed from the prompt's start (joint_block_start), which in row 0
+    (two padding tokens) overlaps the prompt's own positions."""
+    model = _joint(tiny_config, train_segments=2, langevin_noise=0.5, joint_block_start=start).train()
     prompt = torch.cat((torch.full((1, 2), 3), _prompts(6, 1, 4)), 1)  # left padding in row 0
     prompt = torch.cat((prompt, _prompts(7, 2, 6)))
     mask = torch.ones_like(prompt)
@@ -280,6 +284,9 @@ def test_joint_checkpoint_round_trip(tiny_config, tmp_path, block):
         (dict(joint_block_size=32), "max_position_embeddings"),
         (dict(joint_block_size=4, draft_head=True), "no draft head"),
         (dict(train_segments=0), "train_segments"),
+        (dict(joint_block_start=1), "joint_block_start.*joint mode"),
+        (dict(joint_block_size=4, joint_block_start=29), "joint_block_start.*28"),
+        (dict(joint_block_size=4, joint_block_start=-1), "joint_block_start"),
         (dict(joint_block_size=4, calibration_weight=1.0, calibration_offset=True), "calibration_offset.*autoregressive"),
         (dict(calibration_offset=True), "calibration_weight > 0"),
     ],
@@ -360,3 +367,19 @@ def test_block_contrastive_term_ranks_the_true_answer_below_corrupted_ones(tiny_
             if p.grad is not None:
                 p -= 0.05 * p.grad
     assert margin() > before, (before, margin())
+
+
+def test_a_block_start_places_slot_j_at_a_fixed_position_whatever_the_prompt_length(tiny_config):
+    """joint_block_start=k: slot j sits at RoPE position k + j, so with k = 1 slot 0 lines up with
+    the prompt's second token (position 1) in a short and a long prompt alike; the default keeps
+    the block right after the prompt."""
+    fixed, after = _joint(tiny_config, joint_block_start=1).eval(), _joint(tiny_config).eval()
+    for length in (3, 6):
+        context = fixed.model.encode(_prompts(12, 2, length))
+        assert fixed.model.block_positions(context, M).tolist() == [[1, 2, 3, 4]] * 2
+        assert after.model.block_positions(context, M).tolist() == [list(range(length, length + M))] * 2
+    # Same weights (same seed), so only the positions differ: the energies must too.
+    prompt, probs = _prompts(13), _probs(14)
+    e_fixed = fixed.model.block_energy_function(fixed.model.encode(prompt), M)(probs)
+    e_after = after.model.block_energy_function(after.model.encode(prompt), M)(probs)
+    assert (e_fixed - e_after).abs().max() > 1e-6
