@@ -232,8 +232,9 @@ def test_energy_terms_join_the_inner_loop(tiny_config):
 # ------------------------------------------------------------------ generation and checkpoints
 
 
-def test_generate_emits_the_thought_block_then_block_after_block(tiny_config):
-    model = _joint(tiny_config, dtype=torch.float32, eos_token_id=None).eval()
+@pytest.mark.parametrize("start", [None, 1])
+def test_generate_emits_the_thought_block_then_block_after_block(tiny_config, start):
+    model = _joint(tiny_config, dtype=torch.float32, eos_token_id=None, joint_block_start=start).eval()
     prompt = _prompts(17, 2).clone()
     with torch.no_grad():
         first = model.think(prompt, steps=2).logits.argmax(-1)
