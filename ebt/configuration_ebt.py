@@ -274,8 +274,8 @@ class EBTConfig(PreTrainedConfig):
     # Where the block sits (RoPE positions). None: slot j right after the context, at (last context
     # position + 1 + j). An integer k: slot j at position k + j counted from the context's first
     # token whatever its length, so a slot's position says where it is in the answer, and which
-    # prompt token sits beside it, not how far the prompt's end is (sorting: k = 1 puts answer
-    # slot j beside the j-th prompt digit, so "is there a digit beside me" decides digit or EOS).
+    # prompt token sits beside it, not how far the prompt's end is (k = 1 puts sorting's answer
+    # slot j beside prompt digit j and 6x6 Sudoku's answer cell j on puzzle cell j, both from 0).
     joint_block_start: int | None = None
     # Deep supervision: the inner loop runs train_segments times per batch, each segment starting
     # from the previous segment's detached final candidates, with a loss at every segment, so the
